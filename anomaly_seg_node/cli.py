@@ -1,0 +1,79 @@
+"""The `anomaly-seg` command: the one composition root of the project.
+
+Subcommands live in small modules that expose `add_arguments(parser)` and `run(args) -> dict`.
+Those modules import nothing heavy at module level (torch, onnxruntime, training code are imported
+inside `run`), so `anomaly-seg --help` stays fast and the runtime side never needs torch.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from anomaly_seg_node.errors import AnomalySegError
+
+# name -> (module, one-line help). Modules are imported only when their subcommand is built.
+COMMANDS: dict[str, tuple[str, str]] = {
+    'synth': ('training.synth.command',
+              'write synthetic StreetHazards scenes, ADE20k-style negatives or a drive rosbag'),
+    'demo': ('anomaly_seg_node.demo', "the newcomer's first run on the embedded default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='anomaly-seg',
+        description='Open-set semantic segmentation with a dense anomaly score: synthetic data, '
+                    'training, evaluation, export and rosbag replay.')
+    parser.add_argument('--json', action='store_true',
+                        help='print the result as JSON on stdout instead of a human summary')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def format_human(report: dict[str, Any], indent: int = 0) -> str:
+    """Render a result dict as indented `key: value` lines."""
+    lines = []
+    pad = '  ' * indent
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f'{pad}{key}:')
+            lines.append(format_human(value, indent + 1))
+        elif isinstance(value, float):
+            lines.append(f'{pad}{key}: {value:.6g}')
+        else:
+            lines.append(f'{pad}{key}: {value}')
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = args._module
+    try:
+        report = module.run(args)
+    except AnomalySegError as error:
+        print(f'anomaly-seg {args.command}: error: {error}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'anomaly-seg {args.command}: interrupted', file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        formatter = getattr(module, 'format_human', format_human)
+        print(formatter(report))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

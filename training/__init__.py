@@ -1,0 +1,1 @@
+"""Offline side of anomaly_seg: data, networks, losses, training, evaluation and export."""

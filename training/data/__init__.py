@@ -1,0 +1,1 @@
+"""Data sets, label mappings, joint transforms and negative sources."""
