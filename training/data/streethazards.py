@@ -1,0 +1,224 @@
+"""StreetHazards as a torch Dataset (layout and label ids: methods.md §6).
+
+Raw annotation PNGs hold ids 1..14. The joint transform runs on the raw ids (padding with
+IGNORE_ID), then the raw ids become train ids through a lookup table of `labels.py`; on the test
+split the anomaly mask is derived from the same raw ids, so the two always agree.
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from anomaly_seg_node.errors import ConfigError, DataError
+from training.data.labels import (
+    IGNORE_ID,
+    MAPPINGS,
+    RAW_ANOMALY_ID,
+    RAW_CLASS_NAMES,
+    RAW_OTHER_ID,
+    class_names,
+    raw_to_train_lut,
+)
+
+# A joint transform: (HWC uint8 RGB image, HW uint8 label, generator) -> (image, label).
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+# split -> (top folder, sub folder under images/ and annotations/, towns)
+SPLITS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    'train': ('train', 'training', ('t1', 't2', 't3')),
+    'val': ('train', 'validation', ('t4',)),
+    'test': ('test', 'test', ('t5', 't6')),
+}
+
+# Values of the test split's 'ood' mask.
+OOD_INLIER = 0
+OOD_ANOMALY = 1
+OOD_IGNORE = 2
+
+_VALID_RAW = np.zeros(256, dtype=bool)
+_VALID_RAW[list(RAW_CLASS_NAMES)] = True
+
+# raw id (or IGNORE_ID from padding) -> ood mask value
+_OOD_LUT = np.full(256, OOD_IGNORE, dtype=np.uint8)
+_OOD_LUT[list(RAW_CLASS_NAMES)] = OOD_INLIER
+_OOD_LUT[RAW_ANOMALY_ID] = OOD_ANOMALY
+_OOD_LUT[RAW_OTHER_ID] = OOD_IGNORE
+_OOD_LUT[IGNORE_ID] = OOD_IGNORE  # padding of the joint transform
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB; DataError if it cannot be read or decoded."""
+    data = _read_bytes(path)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(
+            f'cannot decode image {path}: the file is corrupt, truncated or not an image; '
+            're-export or remove it')
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Decode a single-channel 8-bit label PNG to an HxW uint8 array, or raise DataError."""
+    data = _read_bytes(path)
+    label = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise DataError(
+            f'cannot decode label PNG {path}: the file is corrupt, truncated or not an image; '
+            're-export or remove it')
+    if label.ndim != 2 or label.dtype != np.uint8:
+        channels = 1 if label.ndim == 2 else label.shape[2]
+        raise DataError(
+            f'label {path} must be a single-channel 8-bit PNG of class ids, found {channels} '
+            f'channel(s) of {label.dtype}; save the id map as 8-bit grayscale')
+    return label
+
+
+def check_raw_ids(label: np.ndarray, path: Path) -> None:
+    """Raise DataError naming the file and the ids if any pixel is outside 1..14."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    bad = np.flatnonzero((counts > 0) & ~_VALID_RAW)
+    if bad.size:
+        raise DataError(
+            f'label {path} holds raw ids {bad.tolist()} outside the StreetHazards range 1..14 '
+            f'({int(counts[bad].sum())} pixels); the annotations must be raw ids, not train '
+            'ids or a colour palette: regenerate or fix this file')
+
+
+class StreetHazards(Dataset):
+    """StreetHazards split ('train' t1-t3, 'val' t4, 'test' t5-t6) under `root`.
+
+    Items: 'image' uint8 [3,H,W] RGB, 'label' int64 [H,W] train ids (IGNORE_ID = ignored),
+    'path' str, and on the test split 'ood' uint8 [H,W] (1 anomaly, 0 inlier, 2 ignored).
+    The random transform of item i in epoch e is drawn from default_rng([seed, e, i]); call
+    `set_epoch` before each epoch (DataLoader workers copy the data set when they start, so use
+    non-persistent workers or re-create the loader for the epoch to reach them).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        mapping: str = 'densehybrid12',
+        transform: Transform | None = None,
+        towns: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f'unknown StreetHazards split {split!r}; expected one of '
+                              f'{sorted(SPLITS)}')
+        if mapping not in MAPPINGS:
+            raise ConfigError(f'unknown label mapping {mapping!r}; expected one of {MAPPINGS}')
+        # The transform pads raw ids; any pad id but IGNORE_ID would read as a real class.
+        pad_id = getattr(transform, 'ignore_id', IGNORE_ID)
+        if pad_id != IGNORE_ID:
+            raise ConfigError(
+                f'the transform pads labels with {pad_id}, but StreetHazards transforms run on '
+                f'raw ids and must pad with IGNORE_ID={IGNORE_ID}; leave ignore_id at its default')
+        self.root = Path(root)
+        self.split = split
+        self.mapping = mapping
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        self.lut = raw_to_train_lut(mapping)
+        self.class_names = class_names(mapping)
+        self.num_classes = len(self.class_names)
+        self.towns, self.samples = _index(self.root, split, towns)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random transforms the next items use."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        image_path, label_path = self.samples[index]
+        image = read_rgb(image_path)
+        raw = read_label_png(label_path)
+        if raw.shape != image.shape[:2]:
+            raise DataError(
+                f'label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is '
+                f'{image.shape[1]}x{image.shape[0]} (WxH); an annotation must match its image')
+        check_raw_ids(raw, label_path)
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, raw = self.transform(image, raw, rng)
+        item: dict[str, torch.Tensor | str] = {
+            'image': torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            'label': torch.from_numpy(self.lut[raw].astype(np.int64)),
+            'path': str(image_path),
+        }
+        if self.split == 'test':
+            item['ood'] = torch.from_numpy(_OOD_LUT[raw])
+        return item
+
+
+def _index(
+    root: Path, split: str, towns: Sequence[str] | None,
+) -> tuple[tuple[str, ...], list[tuple[Path, Path]]]:
+    """List (image, annotation) pairs of a split, checking the layout on the way."""
+    top, sub, split_towns = SPLITS[split]
+    if not root.is_dir():
+        raise DataError(
+            f'StreetHazards root {root} is not a folder; pass the folder that holds train/ and '
+            'test/ (for a synthetic one: anomaly-seg synth dataset --out DIR)')
+    image_dir = root / top / 'images' / sub
+    ann_dir = root / top / 'annotations' / sub
+    for folder in (image_dir, ann_dir):
+        if not folder.is_dir():
+            raise DataError(
+                f'missing folder {folder} for split {split!r}; expected the StreetHazards layout '
+                f'{top}/images/{sub}/<town>/*.png with {top}/annotations/{sub}/<town>/*.png')
+    if towns is None:
+        # A small data set may leave a town empty; only the split's own towns are read.
+        chosen = tuple(t for t in split_towns if (image_dir / t).is_dir())
+        if not chosen:
+            raise DataError(
+                f'no town folder of split {split!r} in {image_dir}; expected one or more of '
+                f'{list(split_towns)}')
+    else:
+        chosen = tuple(towns)
+        if not chosen:
+            raise ConfigError('towns must name at least one town folder, or be None for all')
+        for town in chosen:
+            if not (image_dir / town).is_dir():
+                raise DataError(
+                    f'missing town folder {image_dir / town}; split {split!r} has towns '
+                    f'{list(split_towns)} (found: '
+                    f'{sorted(p.name for p in image_dir.iterdir() if p.is_dir())})')
+    samples: list[tuple[Path, Path]] = []
+    missing: list[Path] = []
+    for town in chosen:
+        for image_path in sorted((image_dir / town).glob('*.png')):
+            label_path = ann_dir / town / image_path.name
+            if label_path.is_file():
+                samples.append((image_path, label_path))
+            else:
+                missing.append(label_path)
+    if missing:
+        shown = ', '.join(str(p) for p in missing[:3])
+        raise DataError(
+            f'{len(missing)} image(s) of split {split!r} have no annotation, e.g. {shown}; '
+            'every images/.../NAME.png needs annotations/.../NAME.png: add the labels or '
+            'remove those images')
+    if not samples:
+        raise DataError(
+            f'no *.png images in {image_dir} for towns {list(chosen)}; '
+            'check the root folder and that the data set was written completely')
+    return chosen, samples
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f'cannot read {path}: {err.strerror or err}; check the file exists '
+                        'and is readable') from err
+    if not data:
+        raise DataError(f'file {path} is empty; re-export or remove it')
+    return np.frombuffer(data, dtype=np.uint8)
