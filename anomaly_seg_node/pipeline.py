@@ -1,0 +1,313 @@
+"""One camera frame -> the node's outputs, in numpy and OpenCV (shared by the node and replay).
+
+Frame (RGB uint8) -> optional crop -> resize to the segmenter's input size -> segmenter ->
+outputs at ``output_resolution``:
+
+- ``'input'``: the frame's full size; labels upsampled nearest, scores bilinear, the crop undone.
+  Pixels the crop cut away were never seen: label ``void_id``, score NaN ("not evaluated", so
+  never above any threshold), anomaly mask 0, colour black, overlay = the frame untouched.
+- ``'network'``: the segmenter's size (of the cropped frame); publish a CameraInfo scaled with
+  :func:`scale_camera_info` beside it.
+
+Only the requested outputs (and what they need) are computed.
+"""
+
+from collections.abc import Iterable, Sequence
+import dataclasses
+import math
+import time
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from anomaly_seg_node.errors import BackendError, ConfigError, ImageDecodeError
+
+OUTPUTS = ('semantic_mask', 'anomaly_score', 'anomaly_mask', 'semantic_color', 'overlay')
+RESOLUTIONS = ('input', 'network')
+# What each output needs at output resolution: labels, scores.
+_NEEDS_LABELS = {'semantic_mask', 'semantic_color', 'overlay'}
+_NEEDS_SCORES = {'anomaly_score', 'anomaly_mask', 'overlay'}
+
+
+class SegmenterOutput(Protocol):
+    labels: np.ndarray  # int32 [N, H, W]
+    anomaly_score: np.ndarray  # float32 [N, H, W]
+
+
+class Segmenter(Protocol):
+    """What backends.py provides: a model at one static input size."""
+
+    input_size: tuple[int, int]  # (H, W)
+
+    def __call__(self, frames: np.ndarray) -> SegmenterOutput: ...
+
+
+@dataclasses.dataclass
+class FrameResult:
+    """The outputs of one frame; an output that was not requested is None."""
+
+    semantic_mask: np.ndarray | None = None  # uint8 [H, W], void_id = void
+    anomaly_score: np.ndarray | None = None  # float32 [H, W], higher = anomalous, NaN = unseen
+    anomaly_mask: np.ndarray | None = None  # uint8 [H, W], 255 where score > threshold
+    semantic_color: np.ndarray | None = None  # uint8 [H, W, 3] RGB
+    overlay: np.ndarray | None = None  # uint8 [H, W, 3] RGB
+    threshold: float = math.nan
+    timings_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class FramePipeline:
+    """Crop, resize, segment and render one frame; threshold and alpha may change at run time.
+
+    ``crop`` = pixels cut from the (top, bottom, left, right) edges, e.g. (0, 120, 0, 0) removes
+    a bonnet in the bottom 120 rows. ``palette[i]`` is the RGB colour of class ``i``.
+    """
+
+    def __init__(self, segmenter: Segmenter, classes: Sequence[str],
+                 palette: Sequence[Sequence[int]], void_id: int = 255,
+                 crop: Sequence[int] | None = None, output_resolution: str = 'input',
+                 threshold: float = 0.0, overlay_alpha: float = 0.5,
+                 anomaly_color: Sequence[int] = (255, 0, 255)) -> None:
+        size = tuple(int(v) for v in segmenter.input_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ConfigError(f'segmenter.input_size must be (H, W) > 0, got {size}')
+        self.segmenter = segmenter
+        self.input_size: tuple[int, int] = (size[0], size[1])
+        if len(palette) != len(classes):
+            raise ConfigError(
+                f'{len(classes)} class names but {len(palette)} palette colours; the sidecar '
+                'must give one colour per class')
+        if not 0 <= void_id <= 255 or void_id < len(classes):
+            raise ConfigError(
+                f'void_id {void_id} must be in [{len(classes)}, 255] (above every class id) so '
+                'the semantic mask fits mono8')
+        self.classes = list(classes)
+        self.void_id = int(void_id)
+        self.lut = np.zeros((256, 3), dtype=np.uint8)  # label -> RGB; void and unknown: black
+        for i, colour in enumerate(palette):
+            self.lut[i] = _rgb(colour, f'palette[{i}]')
+        self.anomaly_color = _rgb(anomaly_color, 'anomaly_color')
+        self.crop = _check_crop(crop)
+        if output_resolution not in RESOLUTIONS:
+            raise ConfigError(
+                f'output_resolution must be one of {RESOLUTIONS}, got {output_resolution!r}')
+        self.output_resolution = output_resolution
+        self.threshold = threshold
+        self.overlay_alpha = overlay_alpha
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f'anomaly threshold must be a finite number, got {value}')
+        self._threshold = value
+
+    @property
+    def overlay_alpha(self) -> float:
+        return self._alpha
+
+    @overlay_alpha.setter
+    def overlay_alpha(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f'overlay_alpha must be in [0, 1], got {value}')
+        self._alpha = value
+
+    def process(self, rgb_frame: np.ndarray, want: Iterable[str] = OUTPUTS) -> FrameResult:
+        """Run the segmenter on one RGB uint8 ``[H, W, 3]`` frame and render ``want``."""
+        want = set(want)
+        unknown = want - set(OUTPUTS)
+        if unknown:
+            raise ConfigError(f'unknown outputs {sorted(unknown)}; expected some of {OUTPUTS}')
+        frame = np.asarray(rgb_frame)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ImageDecodeError(
+                f'the pipeline takes RGB uint8 [H, W, 3] frames, got {frame.dtype} '
+                f'{frame.shape}; decode messages with image_codec first')
+        threshold, alpha = self._threshold, self._alpha  # one value per frame
+        result = FrameResult(threshold=threshold)
+        timings = result.timings_ms
+        clock = _Clock(timings)
+
+        top, bottom, left, right = self.crop
+        full_h, full_w = frame.shape[:2]
+        crop_h, crop_w = full_h - top - bottom, full_w - left - right
+        if crop_h < 1 or crop_w < 1:
+            raise ConfigError(
+                f'crop {self.crop} (top, bottom, left, right) leaves nothing of a '
+                f'{full_h} x {full_w} frame; reduce the crop')
+        cropped = frame[top:full_h - bottom, left:full_w - right]
+        net_h, net_w = self.input_size
+        if (crop_h, crop_w) == (net_h, net_w):
+            net_frame = np.ascontiguousarray(cropped)
+        else:
+            shrink = net_h * net_w < crop_h * crop_w
+            net_frame = cv2.resize(cropped, (net_w, net_h),
+                                   interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        clock.lap('resize')
+
+        out = self.segmenter(net_frame)
+        labels = _single(out, 'labels', (net_h, net_w))
+        scores = _single(out, 'anomaly_score', (net_h, net_w))
+        clock.lap('infer')
+        if not want:
+            return result
+
+        labels8 = None
+        if want & _NEEDS_LABELS:
+            labels8 = self._labels_uint8(labels)
+        scores32 = scores.astype(np.float32, copy=False) if want & _NEEDS_SCORES else None
+        clock.lap('labels')
+
+        if self.output_resolution == 'input':
+            region = (top, left, crop_h, crop_w)
+            if labels8 is not None:
+                labels8 = _place(_resize(labels8, crop_h, crop_w, cv2.INTER_NEAREST_EXACT),
+                                 (full_h, full_w), region, self.void_id)
+            if scores32 is not None:
+                scores32 = _place(_resize(scores32, crop_h, crop_w, cv2.INTER_LINEAR),
+                                  (full_h, full_w), region, np.nan)
+            base = frame
+        else:
+            base = net_frame
+        clock.lap('upsample')
+
+        anomaly = None
+        if scores32 is not None and want & {'anomaly_mask', 'overlay'}:
+            anomaly = np.greater(scores32, threshold)  # NaN (unseen) compares False
+            if 'anomaly_mask' in want:
+                mask = anomaly.view(np.uint8)
+                result.anomaly_mask = mask * np.uint8(255)
+        clock.lap('threshold')
+
+        colour = None
+        if labels8 is not None and want & {'semantic_color', 'overlay'}:
+            colour = np.take(self.lut, labels8, axis=0)
+        clock.lap('colour')
+
+        if 'overlay' in want and colour is not None and anomaly is not None:
+            overlay = cv2.addWeighted(np.ascontiguousarray(base), 1.0 - alpha, colour, alpha, 0.0)
+            np.copyto(overlay, base, where=(labels8 == self.void_id)[:, :, None])
+            overlay[anomaly] = self.anomaly_color
+            result.overlay = overlay
+        clock.lap('overlay')
+
+        if 'semantic_mask' in want:
+            result.semantic_mask = labels8
+        if 'anomaly_score' in want:
+            result.anomaly_score = scores32
+        if 'semantic_color' in want:
+            result.semantic_color = colour
+        timings['total'] = clock.total()
+        return result
+
+    def _labels_uint8(self, labels: np.ndarray) -> np.ndarray:
+        """int32 class ids -> uint8; ids outside [0, K) other than void_id become void_id."""
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo >= 0 and hi < len(self.classes):
+            return labels.astype(np.uint8)
+        bad = ((labels < 0) | (labels >= len(self.classes))) & (labels != self.void_id)
+        return np.where(bad, self.void_id, labels).astype(np.uint8)
+
+
+def scale_camera_info(k: Sequence[float], p: Sequence[float], width: int, height: int,
+                      crop: Sequence[int] | None,
+                      new_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """K (3x3) and P (3x4) of the ``'network'`` outputs, flat float64 like CameraInfo's k and p.
+
+    Like image_proc: the crop shifts the principal point (crop_decimate's ROI offset), then the
+    resize to ``new_size`` = (H, W) multiplies fx, cx, Tx by W / crop width and fy, cy, Ty by
+    H / crop height.
+    """
+    top, bottom, left, right = _check_crop(crop)
+    crop_w, crop_h = int(width) - left - right, int(height) - top - bottom
+    if crop_w < 1 or crop_h < 1:
+        raise ConfigError(f'crop {crop} leaves nothing of a {height} x {width} camera')
+    new_h, new_w = (int(v) for v in new_size)
+    if new_h < 1 or new_w < 1:
+        raise ConfigError(f'new_size must be (H, W) > 0, got {new_size}')
+    k_out = np.array(k, dtype=np.float64).reshape(-1)
+    p_out = np.array(p, dtype=np.float64).reshape(-1)
+    if k_out.size != 9 or p_out.size != 12:
+        raise ConfigError(f'K needs 9 values and P 12, got {k_out.size} and {p_out.size}')
+    k_out[2] -= left
+    k_out[5] -= top
+    p_out[2] -= left
+    p_out[6] -= top
+    sx, sy = new_w / crop_w, new_h / crop_h
+    k_out[[0, 2]] *= sx
+    k_out[[4, 5]] *= sy
+    p_out[[0, 2, 3]] *= sx
+    p_out[[5, 6, 7]] *= sy
+    return k_out, p_out
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self.last) * 1e3
+        self.last = now
+
+    def total(self) -> float:
+        return (time.perf_counter() - self.start) * 1e3
+
+
+def _single(out: Any, name: str, size: tuple[int, int]) -> np.ndarray:
+    """``out.<name>`` [1, H, W] or [H, W] -> [H, W], checked against the segmenter's size."""
+    value = getattr(out, name, None)
+    if value is None:
+        raise BackendError(f'the segmenter returned no {name!r}; expected labels and '
+                           'anomaly_score [N, H, W]')
+    value = np.asarray(value)
+    if value.ndim == 3 and value.shape[0] == 1:
+        value = value[0]
+    if value.shape != size:
+        raise BackendError(
+            f'the segmenter returned {name} of shape {value.shape}; expected [1, {size[0]}, '
+            f'{size[1]}] for its input_size')
+    return value
+
+
+def _resize(image: np.ndarray, height: int, width: int, interpolation: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def _place(image: np.ndarray, full: tuple[int, int], region: tuple[int, int, int, int],
+           fill: float) -> np.ndarray:
+    """Paste the cropped region's output back into a frame-sized array filled with ``fill``."""
+    top, left, height, width = region
+    if image.shape[:2] == full:
+        return image
+    canvas = np.full(full + image.shape[2:], fill, dtype=image.dtype)
+    canvas[top:top + height, left:left + width] = image
+    return canvas
+
+
+def _check_crop(crop: Sequence[int] | None) -> tuple[int, int, int, int]:
+    if crop is None:
+        return (0, 0, 0, 0)
+    values = tuple(crop)
+    if len(values) != 4 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+            for v in values):
+        raise ConfigError(
+            f'crop must be 4 non-negative integers (top, bottom, left, right) = pixels cut from '
+            f'each edge, got {crop!r}')
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _rgb(colour: Sequence[int], name: str) -> np.ndarray:
+    values = tuple(colour)
+    if len(values) != 3 or not all(0 <= int(v) <= 255 for v in values):
+        raise ConfigError(f'{name} must be an RGB triple of 0..255, got {colour!r}')
+    return np.array(values, dtype=np.uint8)
