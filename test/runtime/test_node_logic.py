@@ -1,0 +1,692 @@
+"""The node's logic without ROS: parameters, transitions, newest-frame slot and worker, publish
+decisions, max_input_age, diagnostics, throttled warnings (fake transport, fake segmenter)."""
+
+import hashlib
+import math
+from pathlib import Path
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
+from anomaly_seg_node.errors import ArtifactError, ConfigError
+from anomaly_seg_node.image_codec import ImageFields, decode_image, encode_image
+from anomaly_seg_node.node_logic import (
+    CAMERA_INFO_OUTPUT,
+    ENCODINGS,
+    ERROR,
+    LABEL_INFO_TOPIC,
+    OK,
+    PARAMS,
+    SPECS,
+    WARN,
+    CameraInfoOut,
+    Frame,
+    FrameWorker,
+    NewestFrameSlot,
+    NodeCore,
+    Throttle,
+    resolve_artifact,
+    stamp_ns,
+    validate_params,
+    wanted_outputs,
+    wants_camera_info,
+)
+from anomaly_seg_node.pipeline import OUTPUTS
+
+REPO = Path(__file__).resolve().parents[2]
+NET_H, NET_W = 4, 6
+THRESHOLDS = {'tpr95': 100.0, 'fpr1': 200.0}
+
+
+# Fakes ------------------------------------------------------------------------------------
+
+class FakeSegmenter:
+    """labels = red % 3, anomaly_score = green: outputs are known from the input colour."""
+
+    def __init__(self, sidecar: Sidecar, backend: str, device: str, precision: str) -> None:
+        self.sidecar = sidecar
+        self.input_size = sidecar.input_size
+        self.backend = 'onnxruntime' if backend == 'auto' else backend
+        self.device = device
+        self.precision = precision
+        self.reason = 'requested'
+        self.calls = 0
+        self.gate: threading.Event | None = None  # when set, each call waits for it
+        self.entered = threading.Event()
+        self.fail_next = False
+
+    def __call__(self, frame: np.ndarray) -> SimpleNamespace:
+        self.calls += 1
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError('simulated backend failure')
+        assert frame.shape == (*self.input_size, 3) and frame.dtype == np.uint8
+        labels = (frame[None, :, :, 0] % 3).astype(np.int32)
+        score = frame[None, :, :, 1].astype(np.float32)
+        return SimpleNamespace(labels=labels, anomaly_score=score)
+
+
+class FakeLoader:
+    def __init__(self, run_device: str | None = None) -> None:
+        self.run_device = run_device  # None: the device asked for
+        self.calls: list[tuple] = []
+        self.segmenter: FakeSegmenter | None = None
+
+    def __call__(self, sidecar: Sidecar, backend: str, device: str, precision: str,
+                 engine_cache_dir: str | None) -> FakeSegmenter:
+        self.calls.append((sidecar, backend, device, precision, engine_cache_dir))
+        self.segmenter = FakeSegmenter(sidecar, backend, self.run_device or device, precision)
+        return self.segmenter
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.subscribers = dict.fromkeys([*OUTPUTS, CAMERA_INFO_OUTPUT], 1)
+        self.published: list[tuple[str, Any]] = []
+        self.logs: list[tuple[str, str]] = []
+        self.clock_ns = 1_000 * 10**9
+        self.lock = threading.Lock()
+
+    def subscription_count(self, topic: str) -> int:
+        return self.subscribers.get(topic, 0)
+
+    def publish(self, topic: str, payload: Any) -> None:
+        with self.lock:
+            self.published.append((topic, payload))
+
+    def now_ns(self) -> int:
+        return self.clock_ns
+
+    def log(self, level: str, message: str) -> None:
+        self.logs.append((level, message))
+
+    def topics(self) -> list[str]:
+        return [topic for topic, _ in self.published]
+
+    def last(self, topic: str) -> Any:
+        return [payload for name, payload in self.published if name == topic][-1]
+
+    def warnings(self) -> list[str]:
+        return [message for level, message in self.logs if level == 'warning']
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ns = 5 * 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    # The schema lists both model files; FakeLoader reads neither, only their hashes are checked.
+    onnx, pt2 = b'onnx stand-in', b'pt2 stand-in'
+    (tmp_path / 'm.onnx').write_bytes(onnx)
+    (tmp_path / 'm.pt2').write_bytes(pt2)
+    sidecar = Sidecar(
+        method='DenseHybrid', score=ScoreSpec(name='DH', units='nats'),
+        input=InputSpec(height=NET_H, width=NET_W, batch=1),
+        classes=('road', 'car', 'sky'), palette=((128, 64, 128), (0, 0, 142), (70, 130, 180)),
+        files={'onnx': FileRef('m.onnx', _sha(onnx)), 'pt2': FileRef('m.pt2', _sha(pt2))},
+        void_id=255, thresholds=dict(THRESHOLDS), default_threshold='tpr95')
+    return write_sidecar(sidecar, tmp_path / 'm.json')
+
+
+def _params(path: Path, **overrides: Any) -> dict[str, Any]:
+    values = {'artifact': str(path), 'backend': 'onnxruntime', 'device': 'cpu',
+              'precision': 'fp32', 'max_input_age': 0.0}
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture
+def transport() -> FakeTransport:
+    return FakeTransport()
+
+
+@pytest.fixture
+def loader() -> FakeLoader:
+    return FakeLoader()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def core(transport: FakeTransport, loader: FakeLoader, clock: FakeClock):
+    node = NodeCore(transport, loader=loader, monotonic_ns=clock)
+    yield node
+    node.shutdown()
+
+
+def _image(red: int, green: int, height: int = 8, width: int = 12, stamp: int = 999 * 10**9,
+           frame_id: str = 'camera_optical_frame') -> ImageFields:
+    """An rgb8 Image message (image_codec's ImageFields has the message's fields)."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = red, green, 7
+    header = SimpleNamespace(stamp=SimpleNamespace(sec=stamp // 10**9, nanosec=stamp % 10**9),
+                             frame_id=frame_id)
+    return encode_image(rgb, 'rgb8', header)
+
+
+def _frame(msg: Any, clock: FakeClock, compressed: bool = False) -> Frame:
+    return Frame(msg, compressed, clock())
+
+
+def _wait(predicate: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, 'timed out'
+        time.sleep(0.005)
+
+
+# Parameters -------------------------------------------------------------------------------
+
+def test_params_yaml_lists_every_parameter_with_its_default() -> None:
+    document = yaml.safe_load((REPO / 'config' / 'params.yaml').read_text())
+    values = document['/**']['ros__parameters']
+    assert set(values) == set(SPECS)
+    for spec in PARAMS:
+        assert values[spec.name] == spec.default, spec.name
+        assert spec.description
+    assert validate_params(values) == validate_params({})
+
+
+def test_descriptors_say_allowed_values_and_when_changes_apply() -> None:
+    assert SPECS['backend'].constraints.startswith(
+        'one of: auto, tensorrt, torch, onnxruntime; read at configure')
+    assert SPECS['overlay_alpha'].constraints == 'from 0 to 1; changeable at run time'
+    assert SPECS['autostart'].read_only and not SPECS['artifact'].read_only
+    assert SPECS['anomaly_threshold'].dynamic_typing
+    assert [s.name for s in PARAMS if s.kind == 'runtime'] == ['anomaly_threshold',
+                                                               'overlay_alpha']
+
+
+def test_validate_params_converts_and_defaults() -> None:
+    config = validate_params({'crop': [1, 2, 3, 4], 'max_input_age': 1, 'anomaly_threshold': 2,
+                              'use_sim_time': True})
+    assert config.crop == (1, 2, 3, 4)
+    assert config.max_input_age == 1.0 and isinstance(config.max_input_age, float)
+    assert config.anomaly_threshold == 2.0
+    assert config.input_topic == 'image'
+    assert validate_params({'input_transport': 'compressed'}).input_topic == 'image/compressed'
+
+
+@pytest.mark.parametrize('name, value, words', [
+    ('backend', 'cuda', 'one of auto, tensorrt, torch, onnxruntime'),
+    ('device', 'cuda:0', 'one of cpu, cuda'),
+    ('input_reliability', 'RELIABLE', 'best_effort, reliable'),
+    ('overlay_alpha', 1.5, 'from 0 to 1'),
+    ('overlay_alpha', '0.5', 'must be a number'),
+    ('max_input_age', -0.1, 'from 0 to 3600'),
+    ('crop', [0, 0, 0], '4 non-negative integers'),
+    ('crop', [0, -1, 0, 0], '4 non-negative integers'),
+    ('crop', 'top', '4 integers'),
+    ('anomaly_threshold', math.nan, 'finite'),
+    ('anomaly_threshold', True, 'a number or a threshold name'),
+    ('autostart', 'yes', 'true or false'),
+    ('artifact', 3, 'must be a string'),
+])
+def test_validate_params_names_the_problem(name: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=f'parameter {name}') as info:
+        validate_params({name: value})
+    assert words in str(info.value)
+
+
+def test_resolve_artifact(tmp_path: Path) -> None:
+    assert resolve_artifact('/a/b.json') == Path('/a/b.json')
+    with pytest.raises(ArtifactError, match='artifact is empty.*artifact:=/path/NAME.json'):
+        resolve_artifact('', tmp_path)
+    (tmp_path / 'models').mkdir()
+    (tmp_path / 'models' / 'demo.json').write_text('{}')
+    assert resolve_artifact('', tmp_path) == tmp_path / 'models' / 'demo.json'
+
+
+def test_runtime_parameter_updates(core: NodeCore, transport: FakeTransport,
+                                   artifact: Path) -> None:
+    # Unconfigured: any parameter but autostart may change; names are checked at configure.
+    assert core.update_parameters({'backend': 'torch', 'anomaly_threshold': 'fpr1'}) is None
+    assert core.config.backend == 'torch'
+    assert 'read-only' in core.update_parameters({'autostart': False})
+    assert core.update_parameters({'use_sim_time': True}) is None  # not ours: accepted
+    core.configure(_params(artifact))
+    core.activate()
+    assert core.threshold == 100.0 and core.pipeline.threshold == 100.0
+    # Active: threshold by name or number, alpha; never a configure-time parameter.
+    assert core.update_parameters({'anomaly_threshold': 'fpr1'}) is None
+    assert core.pipeline.threshold == 200.0
+    assert transport.last(LABEL_INFO_TOPIC).threshold == 200.0
+    assert core.update_parameters({'anomaly_threshold': 12.5}) is None
+    assert core.pipeline.threshold == 12.5
+    assert core.update_parameters({'anomaly_threshold': ''}) is None  # the sidecar default
+    assert core.pipeline.threshold == 100.0
+    reason = core.update_parameters({'anomaly_threshold': 'tpr99'})
+    assert 'unknown threshold name' in reason and 'fpr1, tpr95' in reason
+    assert core.pipeline.threshold == 100.0
+    reason = core.update_parameters({'overlay_alpha': 0.25, 'backend': 'torch'})
+    assert 'backend is read at configure' in reason and 'cleanup' in reason
+    assert core.pipeline.overlay_alpha == 0.5  # nothing of a refused batch is applied
+    assert core.update_parameters({'overlay_alpha': 0.25}) is None
+    assert core.pipeline.overlay_alpha == 0.25
+    assert 'from 0 to 1' in core.update_parameters({'overlay_alpha': 2.0})
+
+
+# Newest-frame slot and worker ---------------------------------------------------------------
+
+def test_slot_keeps_the_newest_and_counts_drops() -> None:
+    slot = NewestFrameSlot()
+    assert slot.take(timeout=0.01) is None
+    assert slot.put('a') is False
+    assert slot.put('b') is True
+    assert slot.put('c') is True
+    assert (slot.received, slot.dropped) == (3, 2)
+    assert slot.take() == 'c'
+    assert slot.take(timeout=0.01) is None
+
+
+def test_slot_close_wakes_a_waiting_taker() -> None:
+    slot = NewestFrameSlot()
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(slot.take()))
+    thread.start()
+    time.sleep(0.05)
+    slot.close()
+    thread.join(2)
+    assert not thread.is_alive() and got == [None]
+
+
+def test_worker_survives_errors_and_stops() -> None:
+    slot = NewestFrameSlot()
+    handled: list[int] = []
+    errors: list[BaseException] = []
+
+    def handle(item: int) -> None:
+        if item == 1:
+            raise ValueError('bad frame')
+        handled.append(item)
+
+    worker = FrameWorker(slot, handle, errors.append)
+    worker.start()
+    slot.put(1)
+    _wait(lambda: errors)
+    slot.put(2)
+    _wait(lambda: handled)
+    assert handled == [2] and str(errors[0]) == 'bad frame'
+    assert worker.stop(timeout=2) and not worker.alive
+
+
+def test_throttle_holds_repeats_back_and_counts_them() -> None:
+    now = [0.0]
+    throttle = Throttle(period_s=5.0, clock=lambda: now[0])
+    assert throttle.allow('x') == (True, 0)
+    assert throttle.allow('x') == (False, 0)
+    assert throttle.allow('y') == (True, 0)
+    now[0] = 4.9
+    assert throttle.allow('x') == (False, 0)
+    now[0] = 5.0
+    assert throttle.allow('x') == (True, 2)
+
+
+# Transitions ------------------------------------------------------------------------------
+
+def test_transitions_load_start_stop_and_free(core: NodeCore, loader: FakeLoader,
+                                              artifact: Path) -> None:
+    with pytest.raises(ConfigError, match='cannot activate from state unconfigured'):
+        core.activate()
+    core.configure(_params(artifact, engine_cache_dir='/cache'))
+    assert core.state == 'inactive'
+    sidecar, backend, device, precision, cache = loader.calls[0]
+    assert (backend, device, precision, cache) == ('onnxruntime', 'cpu', 'fp32', '/cache')
+    assert sidecar.classes == ('road', 'car', 'sky')
+    assert loader.segmenter.calls == 1  # the warm-up frame
+    core.activate()
+    assert core.state == 'active' and core.worker.alive
+    worker = core.worker
+    core.deactivate()
+    assert core.state == 'inactive' and not worker.alive and core.segmenter is not None
+    core.cleanup()
+    assert core.state == 'unconfigured'
+    assert core.segmenter is None and core.pipeline is None and core.sidecar is None
+    core.configure(_params(artifact))  # configure again after cleanup
+    core.activate()
+    worker = core.worker
+    core.shutdown()
+    assert core.state == 'finalized' and not worker.alive and core.segmenter is None
+
+
+@pytest.mark.parametrize('overrides, error, words', [
+    ({'artifact': 'missing.json'}, ArtifactError, 'does not exist'),
+    ({'artifact': ''}, ArtifactError, 'artifact is empty'),
+    ({'anomaly_threshold': 'tpr99'}, ArtifactError, 'unknown threshold name'),
+    ({'backend': 'cuda'}, ConfigError, 'parameter backend'),
+])
+def test_configure_failure_leaves_nothing_loaded(core: NodeCore, loader: FakeLoader,
+                                                 artifact: Path, overrides: dict, error: type,
+                                                 words: str) -> None:
+    with pytest.raises(error, match=words):
+        core.configure(_params(artifact, **overrides))
+    assert core.state == 'unconfigured' and core.segmenter is None and not loader.calls
+    report = core.diagnostics()
+    assert report.level == ERROR and report.message.startswith('configure failed:')
+    assert words in report.message
+    core.configure(_params(artifact))  # fixed parameters: the error clears
+    assert core.diagnostics().level == OK
+
+
+def test_the_crop_is_cut_before_inference_and_undone_after(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact, crop=[0, 4, 0, 0]))  # cut the bottom 4 rows (a bonnet)
+    msg = _image(red=4, green=150)
+    rgb = decode_image(msg).copy()
+    rgb[4:, :, 0] = 5  # the bonnet would be class 2
+    core.process(_frame(encode_image(rgb, 'rgb8', msg.header), clock))
+    labels = decode_image(transport.last('semantic_mask'), 'native')
+    assert labels.shape == (8, 12)
+    assert np.all(labels[:4] == 1) and np.all(labels[4:] == 255)  # unseen rows are void
+    scores = decode_image(transport.last('anomaly_score'), 'native')
+    assert np.all(scores[:4] == 150.0) and np.all(np.isnan(scores[4:]))
+    mask = decode_image(transport.last('anomaly_mask'), 'native')
+    assert np.all(mask[:4] == 255) and np.all(mask[4:] == 0)
+
+
+# Frames and publish decisions -------------------------------------------------------------
+
+def test_publish_decisions() -> None:
+    assert wanted_outputs({'overlay': 2, 'semantic_mask': 0, 'other': 5}) == {'overlay'}
+    assert wants_camera_info('network', 1) and not wants_camera_info('input', 1)
+    assert not wants_camera_info('network', 0)
+    assert stamp_ns(SimpleNamespace(stamp=SimpleNamespace(sec=2, nanosec=5))) == 2 * 10**9 + 5
+    assert stamp_ns(None) == 0
+
+
+def test_frame_outputs_encodings_sizes_headers_and_values(core: NodeCore,
+                                                          transport: FakeTransport,
+                                                          artifact: Path) -> None:
+    core.configure(_params(artifact))
+    core.activate()
+    msg = _image(red=4, green=150)
+    core.on_message(msg)
+    _wait(lambda: core.stats.counts['processed'] == 1)
+    assert transport.topics() == list(OUTPUTS)
+    for topic in OUTPUTS:
+        out = transport.last(topic)
+        assert out.encoding == ENCODINGS[topic]
+        assert (out.height, out.width) == (8, 12)
+        assert out.header is msg.header  # stamp and frame_id of the input
+    assert np.all(decode_image(transport.last('semantic_mask'), 'native') == 1)  # 4 % 3
+    assert np.all(decode_image(transport.last('anomaly_score'), 'native') == 150.0)
+    assert np.all(decode_image(transport.last('anomaly_mask'), 'native') == 255)  # 150 > 100
+    colour = decode_image(transport.last('semantic_color'), 'native')
+    assert np.all(colour == (0, 0, 142))
+    overlay = decode_image(transport.last('overlay'), 'native')
+    assert np.all(overlay == (255, 0, 255))  # anomalous everywhere: the anomaly colour
+
+    # A threshold change takes effect on the next frame.
+    assert core.update_parameters({'anomaly_threshold': 'fpr1'}) is None
+    core.on_message(_image(red=4, green=150))
+    _wait(lambda: core.stats.counts['processed'] == 2)
+    assert np.all(decode_image(transport.last('anomaly_mask'), 'native') == 0)  # 150 < 200
+
+
+def test_only_subscribed_outputs_are_computed(core: NodeCore, transport: FakeTransport,
+                                              loader: FakeLoader, artifact: Path,
+                                              clock: FakeClock) -> None:
+    core.configure(_params(artifact))
+    frame_calls = loader.segmenter.calls
+    transport.subscribers = {'anomaly_mask': 1}
+    core.process(_frame(_image(4, 150), clock))
+    assert transport.topics() == ['anomaly_mask']
+    transport.subscribers = {}
+    core.process(_frame(_image(4, 150), clock))
+    assert transport.topics() == ['anomaly_mask']
+    assert loader.segmenter.calls == frame_calls + 1  # no inference for nobody
+    assert core.stats.counts['skipped_unsubscribed'] == 1
+
+
+def test_compressed_input(core: NodeCore, transport: FakeTransport, artifact: Path,
+                          clock: FakeClock) -> None:
+    core.configure(_params(artifact, input_transport='compressed'))
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 5, 30
+    ok, png = cv2.imencode('.png', np.ascontiguousarray(rgb[..., ::-1]))
+    assert ok
+    header = SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0), frame_id='cam')
+    msg = SimpleNamespace(header=header, format='png', data=png.reshape(-1))
+    core.process(_frame(msg, clock, compressed=True))
+    assert np.all(decode_image(transport.last('semantic_mask'), 'native') == 2)  # 5 % 3
+    assert np.all(decode_image(transport.last('anomaly_mask'), 'native') == 0)  # 30 < 100
+    assert transport.last('overlay').header is header
+
+
+def test_undecodable_frames_are_dropped_counted_and_warned_once(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact))
+    bayer = _image(1, 1)
+    bayer.encoding = 'bayer_rggb8'
+    truncated = _image(1, 1)
+    truncated.data = truncated.data[:-5]
+    for msg in (bayer, truncated, bayer):
+        core.process(_frame(msg, clock))
+    assert core.stats.counts['rejected_decode'] == 3
+    assert not transport.published
+    assert len(transport.warnings()) == 1  # throttled
+    assert 'debayer' in transport.warnings()[0]
+    core.process(_frame(_image(1, 1), clock))  # the node goes on
+    assert core.stats.counts['processed'] == 1
+
+
+def test_max_input_age(core: NodeCore, transport: FakeTransport, artifact: Path,
+                       clock: FakeClock) -> None:
+    core.configure(_params(artifact, max_input_age=0.5))
+    now = transport.clock_ns
+    core.process(_frame(_image(1, 1, stamp=now - 600_000_000), clock))  # 0.6 s old
+    assert core.stats.counts['rejected_stale'] == 1 and not transport.published
+    assert 'max_input_age 0.5 s' in transport.warnings()[0]
+    core.process(_frame(_image(1, 1, stamp=now - 400_000_000), clock))  # 0.4 s old
+    core.process(_frame(_image(1, 1, stamp=0), clock))  # no stamp: never too old
+    assert core.stats.counts['processed'] == 2
+    assert core.update_parameters({'max_input_age': 0.0}) is not None  # configure-time
+
+
+def test_a_failing_frame_is_counted_and_the_worker_goes_on(
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path) -> None:
+    core.configure(_params(artifact))
+    core.activate()
+    loader.segmenter.fail_next = True
+    core.on_message(_image(1, 1))
+    _wait(lambda: core.stats.counts['failed'] == 1)
+    assert 'simulated backend failure' in transport.warnings()[0]
+    core.on_message(_image(1, 1))
+    _wait(lambda: core.stats.counts['processed'] == 1)
+    assert core.worker.alive
+
+
+def test_frames_arriving_while_busy_replace_the_pending_one(
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path) -> None:
+    core.configure(_params(artifact))
+    core.activate()
+    segmenter = loader.segmenter
+    segmenter.gate = threading.Event()
+    segmenter.entered.clear()
+    core.on_message(_image(0, 10))
+    assert segmenter.entered.wait(5)  # the worker is busy with frame 10
+    for green in (11, 12, 13, 14):
+        core.on_message(_image(0, green))
+    segmenter.gate.set()
+    _wait(lambda: core.stats.counts['processed'] == 2)
+    time.sleep(0.05)
+    assert core.stats.counts['processed'] == 2
+    assert (core.slot.received, core.slot.dropped) == (5, 3)
+    scores = [decode_image(p, 'native')[0, 0] for t, p in transport.published
+              if t == 'anomaly_score']
+    assert scores == [10.0, 14.0]  # the first and the newest; 11-13 dropped
+    report = dict(core.diagnostics().values)
+    assert report['frames_dropped'] == '3' and report['frames_processed'] == '2'
+
+
+def test_frames_are_ignored_unless_active(core: NodeCore, artifact: Path) -> None:
+    core.on_message(_image(1, 1))
+    core.configure(_params(artifact))
+    core.on_message(_image(1, 1))
+    assert core.slot.received == 0
+
+
+def test_network_resolution_publishes_scaled_camera_info(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact, output_resolution='network', crop=[0, 2, 0, 0]))
+    msg = _image(4, 150, height=10, width=12)
+    core.process(_frame(msg, clock))
+    assert CAMERA_INFO_OUTPUT not in transport.topics()
+    assert 'no CameraInfo' in transport.warnings()[0]
+    k = [20.0, 0, 6.0, 0, 40.0, 5.0, 0, 0, 1]
+    p = [20.0, 0, 6.0, 0.0, 0, 40.0, 5.0, 0, 0, 0, 1, 0]
+    core.on_camera_info(SimpleNamespace(height=10, width=12, k=k, p=p))
+    core.process(_frame(msg, clock))
+    assert (transport.last('semantic_mask').height, transport.last('semantic_mask').width) == (
+        NET_H, NET_W)
+    info = transport.last(CAMERA_INFO_OUTPUT)
+    assert isinstance(info, CameraInfoOut) and info.header is msg.header
+    assert (info.height, info.width) == (NET_H, NET_W)
+    # 8 x 12 after the crop -> 4 x 6: both axes halve.
+    np.testing.assert_allclose(info.k, [10, 0, 3, 0, 20, 2.5, 0, 0, 1])
+    np.testing.assert_allclose(info.p[[0, 2, 5, 6]], [10, 3, 20, 2.5])
+    transport.subscribers[CAMERA_INFO_OUTPUT] = 0
+    count = transport.topics().count(CAMERA_INFO_OUTPUT)
+    core.process(_frame(msg, clock))
+    assert transport.topics().count(CAMERA_INFO_OUTPUT) == count
+
+
+def test_camera_info_is_not_published_at_input_resolution(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact))
+    core.on_camera_info(SimpleNamespace(height=8, width=12, k=[1.0] * 9, p=[1.0] * 12))
+    core.process(_frame(_image(1, 1), clock))
+    assert CAMERA_INFO_OUTPUT not in transport.topics()
+
+
+def test_label_info(core: NodeCore, artifact: Path) -> None:
+    assert core.label_info() is None
+    core.configure(_params(artifact, anomaly_threshold=42))
+    info = core.label_info()
+    assert info.class_map == ((0, 'road'), (1, 'car'), (2, 'sky'), (255, 'void'))
+    assert info.threshold == 42.0
+
+
+# Diagnostics ------------------------------------------------------------------------------
+
+def test_diagnostics_when_running(core: NodeCore, transport: FakeTransport, artifact: Path,
+                                  clock: FakeClock) -> None:
+    assert core.diagnostics().level == OK and core.diagnostics().message == 'unconfigured'
+    core.configure(_params(artifact))
+    core.activate()
+    core.slot.put = lambda item: None  # frames go straight to process() below
+    for _ in range(10):
+        core.on_message(_image(1, 1))
+        core.process(_frame(_image(1, 1), clock))
+        clock.ns += 100_000_000  # 10 Hz
+    report = core.diagnostics()
+    values = dict(report.values)
+    assert report.level == OK and report.message.startswith('active: 10.0 Hz out of 10.0 Hz in')
+    assert report.name == 'anomaly_seg: anomaly segmentation'
+    assert values['backend'] == 'onnxruntime' and values['precision'] == 'fp32'
+    assert values['artifact_sha256'] == hashlib.sha256(b'onnx stand-in').hexdigest()
+    assert values['frames_processed'] == '10' and values['anomaly_threshold'] == '100'
+    assert float(values['latency_ms_mean']) == pytest.approx(1000 * 1000 - 999 * 1000)
+
+
+def test_diagnostics_error_on_cpu_fallback(transport: FakeTransport, artifact: Path,
+                                           clock: FakeClock) -> None:
+    core = NodeCore(transport, loader=FakeLoader(run_device='cpu'), monotonic_ns=clock)
+    core.configure(_params(artifact, device='cuda', backend='auto'))
+    assert any(level == 'error' and 'runs on the CPU' in message
+               for level, message in transport.logs)
+    report = core.diagnostics()
+    assert report.level == ERROR and 'although device cuda was asked' in report.message
+    core.shutdown()
+
+
+def test_diagnostics_watchdog_warns_when_input_stops(core: NodeCore, artifact: Path,
+                                                     clock: FakeClock) -> None:
+    core.configure(_params(artifact, input_timeout=2.0))
+    core.activate()
+    clock.ns += 1_500_000_000
+    assert core.diagnostics().level == OK
+    clock.ns += 1_000_000_000  # 2.5 s since activation, nothing arrived
+    report = core.diagnostics()
+    assert report.level == WARN and 'no input on image for 2.5 s' in report.message
+    core.on_message(_image(1, 1))
+    assert core.diagnostics().level == OK
+    clock.ns += 3_000_000_000
+    assert core.diagnostics().level == WARN
+    core.deactivate()
+    assert core.diagnostics().level == OK  # inactive: no input expected
+
+
+def test_onnxruntime_end_to_end(tmp_path: Path) -> None:
+    """A real ONNX graph (labels = argmax over RGB, score = mean of RGB) through the core."""
+    pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info('image', TensorProto.FLOAT, [1, 3, NET_H, NET_W])
+    labels = helper.make_tensor_value_info('labels', TensorProto.INT32, [1, NET_H, NET_W])
+    score = helper.make_tensor_value_info('anomaly_score', TensorProto.FLOAT, [1, NET_H, NET_W])
+    nodes = [helper.make_node('ArgMax', ['image'], ['argmax'], axis=1, keepdims=0),
+             helper.make_node('Cast', ['argmax'], ['labels'], to=TensorProto.INT32),
+             helper.make_node('ReduceMean', ['image'], ['anomaly_score'], axes=[1],
+                              keepdims=0)]
+    graph = helper.make_graph(nodes, 'stand_in', [image], [labels, score])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    model.ir_version = 8
+    onnx_bytes, pt2_bytes = model.SerializeToString(), b'unused by onnxruntime'
+    (tmp_path / 'm.onnx').write_bytes(onnx_bytes)
+    (tmp_path / 'm.pt2').write_bytes(pt2_bytes)
+    sidecar = Sidecar(
+        method='stand-in', score=ScoreSpec(name='mean', units='0..255'),
+        input=InputSpec(height=NET_H, width=NET_W), classes=('r', 'g', 'b'),
+        palette=((255, 0, 0), (0, 255, 0), (0, 0, 255)),
+        files={'onnx': FileRef('m.onnx', _sha(onnx_bytes)), 'pt2': FileRef('m.pt2',
+                                                                           _sha(pt2_bytes))},
+        thresholds={'tpr95': 50.0}, default_threshold='tpr95')
+    path = write_sidecar(sidecar, tmp_path / 'm.json')
+    transport = FakeTransport()
+    core = NodeCore(transport)
+    try:
+        core.configure({'artifact': str(path), 'backend': 'onnxruntime', 'device': 'cpu',
+                        'precision': 'fp32', 'max_input_age': 0.0})
+        rgb = np.zeros((8, 12, 3), np.uint8)
+        rgb[:] = (30, 180, 90)  # argmax: g (1); mean: 100
+        core.process(Frame(encode_image(rgb, 'rgb8', None), False, 0))
+        assert np.all(decode_image(transport.last('semantic_mask'), 'native') == 1)
+        np.testing.assert_allclose(decode_image(transport.last('anomaly_score'), 'native'), 100)
+        assert np.all(decode_image(transport.last('anomaly_mask'), 'native') == 255)
+        assert dict(core.diagnostics().values)['artifact_sha256'] == _sha(onnx_bytes)
+    finally:
+        core.shutdown()
+
+
+def test_node_logic_imports_neither_rclpy_nor_torch() -> None:
+    code = ('import sys, anomaly_seg_node.node_logic; '
+            'print(sorted(m for m in ("rclpy", "torch", "onnxruntime") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == '[]'
