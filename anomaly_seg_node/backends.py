@@ -1,0 +1,389 @@
+"""Inference backends behind one interface: `load(sidecar, backend, device, precision)`.
+
+A `Segmenter` takes uint8 RGB frames already resized to the artifact's size (`[H, W, 3]` or
+`[N, H, W, 3]`), converts them to the graph's float32 NCHW input on the device that runs the
+graph, and returns int32 labels and float32 anomaly scores `[N, H, W]`.
+
+torch, torch_tensorrt and onnxruntime are imported only inside the backend that needs them, so a
+missing optional package is a clear BackendError at load time, not an import crash.
+"""
+
+from dataclasses import dataclass
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+import re
+from typing import Any
+
+import numpy as np
+
+from anomaly_seg_node.artifact import Sidecar, read_sidecar
+from anomaly_seg_node.errors import BackendError
+
+BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
+DEVICES = ('cpu', 'cuda')
+PRECISIONS = ('fp32', 'fp16')
+ENGINE_CACHE_ENV = 'ANOMALY_SEG_ENGINE_CACHE'
+
+
+@dataclass(frozen=True)
+class SegResult:
+    """Per-pixel outputs of one call: labels int32 `[N, H, W]`, anomaly_score float32."""
+
+    labels: np.ndarray
+    anomaly_score: np.ndarray
+
+
+class Segmenter:
+    """Base of the backends: input checks, padding to the artifact's batch, result assembly."""
+
+    backend = 'none'
+
+    def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str) -> None:
+        self.sidecar = sidecar
+        self.input_size = sidecar.input_size
+        self.batch = sidecar.input.batch
+        self.device = device
+        self.precision = precision
+        # Why this backend runs (auto's choice, or 'requested').
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(backend={self.backend!r}, device={self.device!r}, '
+                f'precision={self.precision!r}, input_size={self.input_size}, '
+                f'batch={self.batch})')
+
+    def __call__(self, frames: np.ndarray) -> SegResult:
+        frames = self.check_frames(frames)
+        count = frames.shape[0]
+        if count < self.batch:
+            # The graph has a static batch: pad with black frames, drop their outputs below.
+            pad = np.zeros((self.batch - count, *frames.shape[1:]), dtype=np.uint8)
+            frames = np.concatenate([frames, pad])
+        labels, score = self._infer(np.ascontiguousarray(frames))
+        return SegResult(labels=np.ascontiguousarray(labels[:count], dtype=np.int32),
+                         anomaly_score=np.ascontiguousarray(score[:count], dtype=np.float32))
+
+    def check_frames(self, frames: Any) -> np.ndarray:
+        """`frames` as uint8 `[N, H, W, 3]`, or a BackendError that names the problem."""
+        height, width = self.input_size
+        expected = (f'uint8 RGB frames of shape [{height}, {width}, 3] or '
+                    f'[N<={self.batch}, {height}, {width}, 3]')
+        if not isinstance(frames, np.ndarray):
+            raise BackendError(f'expected {expected} as a numpy array, found '
+                               f'{type(frames).__name__}; pass numpy arrays')
+        if frames.dtype != np.uint8:
+            raise BackendError(
+                f'expected {expected}, found dtype {frames.dtype}; convert the decoded image '
+                'to uint8 0..255 (the float conversion happens inside the backend)')
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4:
+            raise BackendError(f'expected {expected}, found shape {list(frames.shape)}')
+        if frames.shape[3] != 3:
+            raise BackendError(
+                f'expected {expected}, found {frames.shape[3]} channels; decode to RGB first '
+                '(drop alpha, expand mono)')
+        if frames.shape[1:3] != (height, width):
+            raise BackendError(
+                f'expected {expected}, found frames of {frames.shape[1]}x{frames.shape[2]}; '
+                f'resize to the artifact size {height}x{width} (H x W) first')
+        if not 1 <= frames.shape[0] <= self.batch:
+            raise BackendError(
+                f'expected {expected}, found a batch of {frames.shape[0]}; this artifact takes '
+                f'at most {self.batch} frames per call (re-export with --batch to change it)')
+        return frames
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the graph on exactly `batch` uint8 frames `[B, H, W, 3]`."""
+        raise NotImplementedError
+
+
+class OnnxRuntimeSegmenter(Segmenter):
+    """NAME.onnx in ONNX Runtime: CPU, or the TensorRT / CUDA execution providers on 'cuda'."""
+
+    backend = 'onnxruntime'
+
+    def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
+                 engine_cache_dir: str | os.PathLike | None = None) -> None:
+        ort = _import('onnxruntime', 'onnxruntime', "pip install 'onnxruntime>=1.20'")
+        available = ort.get_available_providers()
+        if device == 'cpu':
+            if precision != 'fp32':
+                raise BackendError(
+                    'onnxruntime on the CPU runs the float32 graph only; use precision fp32, '
+                    'or device cuda with the torch or tensorrt backend for fp16')
+            providers: list[Any] = ['CPUExecutionProvider']
+        else:
+            gpu = [name for name in ('TensorrtExecutionProvider', 'CUDAExecutionProvider')
+                   if name in available]
+            if not gpu:
+                raise BackendError(
+                    f'device cuda asked, but this onnxruntime offers only {available}; '
+                    'install onnxruntime-gpu (CUDA build) or use device cpu')
+            if precision == 'fp16' and 'TensorrtExecutionProvider' not in gpu:
+                raise BackendError(
+                    'fp16 in onnxruntime needs its TensorRT execution provider, which this '
+                    'onnxruntime lacks; use precision fp32 or the torch/tensorrt backend')
+            providers = []
+            for name in gpu:
+                if name == 'TensorrtExecutionProvider':
+                    # ORT builds its own engine at session start; cache it between runs.
+                    cache = default_engine_cache_dir(engine_cache_dir) / 'onnxruntime'
+                    cache.mkdir(parents=True, exist_ok=True)
+                    providers.append((name, {'trt_fp16_enable': precision == 'fp16',
+                                             'trt_engine_cache_enable': True,
+                                             'trt_engine_cache_path': str(cache)}))
+                else:
+                    providers.append(name)
+            providers.append('CPUExecutionProvider')
+        super().__init__(sidecar, device, precision, reason)
+        path = sidecar.file_path('onnx')
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.providers = self.session.get_providers()
+        # A listed GPU provider can still fail to start (missing CUDA/TensorRT libraries);
+        # ORT then falls back silently, which must not pass for what was asked.
+        if device == 'cuda' and self.providers == ['CPUExecutionProvider']:
+            raise BackendError(
+                f'onnxruntime could not start {gpu} (see its log: CUDA/cuDNN libraries '
+                'missing?); fix the CUDA installation or use device cpu')
+        if precision == 'fp16' and 'TensorrtExecutionProvider' not in self.providers:
+            raise BackendError(
+                'onnxruntime could not start its TensorRT execution provider, so fp16 is not '
+                'available; install TensorRT for onnxruntime, or use precision fp32')
+        inputs = [node.name for node in self.session.get_inputs()]
+        outputs = [node.name for node in self.session.get_outputs()]
+        if inputs != ['image'] or sorted(outputs) != ['anomaly_score', 'labels']:
+            raise BackendError(
+                f'{path.name} has inputs {inputs} and outputs {outputs}; expected input '
+                "['image'] and outputs ['labels', 'anomaly_score']; re-export the artifact")
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # ONNX Runtime feeds from host memory, so the host is the right place to convert.
+        image = frames.transpose(0, 3, 1, 2).astype(np.float32)
+        labels, score = self.session.run(['labels', 'anomaly_score'], {'image': image})
+        return labels, score
+
+
+class TorchSegmenter(Segmenter):
+    """NAME.pt2 (torch.export ExportedProgram) on CPU or CUDA; float16 on CUDA."""
+
+    backend = 'torch'
+
+    def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
+                 module: Any = None) -> None:
+        torch = _import('torch', 'torch', 'pip install -r requirements.txt (torch 2.14)')
+        _check_torch_device(torch, device, precision)
+        super().__init__(sidecar, device, precision, reason)
+        self.torch = torch
+        self.dtype = torch.float16 if precision == 'fp16' else torch.float32
+        if module is None:
+            program = torch.export.load(str(sidecar.file_path('pt2')))
+            if device == 'cuda':
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, 'cuda')
+            module = program.module()
+            if precision == 'fp16':
+                module = _drop_dtype_asserts(torch, module).to(torch.float16)
+        self.module = module
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            # Upload uint8 (4x fewer bytes), then convert HWC -> NCHW float on the device.
+            image = torch.from_numpy(frames).to(self.device, non_blocking=True)
+            image = image.permute(0, 3, 1, 2).to(self.dtype).contiguous()
+            labels, score = self.module(image)
+            labels = labels.to(torch.int32).cpu().numpy()
+            score = score.float().cpu().numpy()
+        return labels, score
+
+
+class TensorRTSegmenter(TorchSegmenter):
+    """A cached torch-tensorrt engine built from NAME.pt2 by `anomaly-seg build-engine`.
+
+    The engine file is what `torch_tensorrt.save(..., output_format='exported_program')` writes,
+    at `engine_path(sidecar, precision, cache_dir)`; its input stays float32 NCHW.
+    """
+
+    backend = 'tensorrt'
+
+    def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
+                 engine_cache_dir: str | os.PathLike | None = None) -> None:
+        if importlib.util.find_spec('torch_tensorrt') is None:
+            raise BackendError(
+                "torch_tensorrt not installed: pip install 'anomaly_seg[tensorrt]' "
+                '(torch-tensorrt 2.14 for torch 2.14), or use backend torch/onnxruntime')
+        if device != 'cuda':
+            raise BackendError('the tensorrt backend runs on a GPU only; use device cuda, '
+                               'or backend onnxruntime/torch on the CPU')
+        torch = _import('torch', 'torch', 'pip install -r requirements.txt (torch 2.14)')
+        _check_torch_device(torch, device, precision)
+        path = engine_path(sidecar, precision, engine_cache_dir)
+        if not path.is_file():
+            raise BackendError(
+                f'no engine for this artifact/GPU ({path.name} not in {path.parent}); build it '
+                f'with: anomaly-seg build-engine --artifact {sidecar.source} '
+                f'--precision {precision}')
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops for loading)
+        except (ImportError, OSError) as error:
+            raise BackendError(
+                f'torch_tensorrt is installed but does not import ({error}); install the '
+                f"build matching torch {torch.__version__}: pip install 'anomaly_seg[tensorrt]'"
+            ) from None
+        self.engine_path = path
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as error:
+            raise BackendError(
+                f'the cached engine {path} does not load ({error}); delete it and rebuild with: '
+                f'anomaly-seg build-engine --artifact {sidecar.source} --precision {precision}'
+            ) from None
+        # The engine keeps a float32 input; fp16 lives inside the engine.
+        super().__init__(sidecar, device, 'fp32', reason, module=module)
+        self.precision = precision
+        self.dtype = torch.float32
+
+
+def load(sidecar: str | os.PathLike | Sidecar, backend: str = 'auto', device: str = 'cpu',
+         precision: str = 'fp32', engine_cache_dir: str | os.PathLike | None = None
+         ) -> Segmenter:
+    """Load the artifact into a backend; `auto` records its choice and reason on the result."""
+    for name, value, allowed in (('backend', backend, BACKENDS), ('device', device, DEVICES),
+                                 ('precision', precision, PRECISIONS)):
+        if value not in allowed:
+            raise BackendError(f'unknown {name} {value!r}; expected one of {list(allowed)}')
+    if not isinstance(sidecar, Sidecar):
+        sidecar = read_sidecar(sidecar)
+    if backend == 'auto':
+        backend, device, precision, reason = choose_backend(
+            sidecar, device, precision, engine_cache_dir)
+    else:
+        reason = 'requested'
+    if backend == 'onnxruntime':
+        return OnnxRuntimeSegmenter(sidecar, device, precision, reason, engine_cache_dir)
+    if backend == 'torch':
+        return TorchSegmenter(sidecar, device, precision, reason)
+    return TensorRTSegmenter(sidecar, device, precision, reason, engine_cache_dir)
+
+
+def choose_backend(sidecar: Sidecar, device: str, precision: str,
+                   engine_cache_dir: str | os.PathLike | None = None
+                   ) -> tuple[str, str, str, str]:
+    """auto: tensorrt (engine cached), then torch on CUDA, then onnxruntime.
+
+    Returns (backend, device, precision, reason); onnxruntime runs on its GPU providers when
+    torch cannot reach CUDA but onnxruntime can (a vehicle without torch), else on the CPU.
+    """
+    if device == 'cpu':
+        note = '' if precision == 'fp32' else ' (fp16 needs cuda: running fp32)'
+        return 'onnxruntime', 'cpu', 'fp32', f'device cpu asked: onnxruntime on the CPU{note}'
+    cuda_note = _cuda_unavailable()
+    if not cuda_note:
+        if importlib.util.find_spec('torch_tensorrt') is None:
+            why = 'torch_tensorrt is not installed'
+        else:
+            path = engine_path(sidecar, precision, engine_cache_dir)
+            if path.is_file():
+                return 'tensorrt', 'cuda', precision, f'cached TensorRT engine {path.name}'
+            why = f'no TensorRT engine cached ({path.name} not in {path.parent})'
+        return 'torch', 'cuda', precision, f'{why}: torch ExportedProgram on CUDA'
+    gpu = _onnxruntime_gpu_providers()
+    if gpu:
+        fp = precision if 'TensorrtExecutionProvider' in gpu else 'fp32'
+        return ('onnxruntime', 'cuda', fp,
+                f'device cuda asked but {cuda_note}: onnxruntime with {", ".join(gpu)}')
+    return ('onnxruntime', 'cpu', 'fp32',
+            f'device cuda asked but {cuda_note} and onnxruntime has no GPU provider: '
+            'fell back to onnxruntime on the CPU')
+
+
+def _onnxruntime_gpu_providers() -> list[str]:
+    if importlib.util.find_spec('onnxruntime') is None:
+        return []
+    import onnxruntime
+
+    return [name for name in ('TensorrtExecutionProvider', 'CUDAExecutionProvider')
+            if name in onnxruntime.get_available_providers()]
+
+
+def _cuda_unavailable() -> str:
+    """'' when torch sees a CUDA device, else why not."""
+    if importlib.util.find_spec('torch') is None:
+        return 'torch is not installed'
+    import torch
+
+    if not torch.cuda.is_available():
+        return 'torch sees no CUDA device'
+    return ''
+
+
+def engine_cache_key(sidecar: Sidecar, precision: str) -> dict[str, str]:
+    """What a TensorRT engine depends on: artifact, GPU, versions and precision."""
+    import torch
+    import torch_tensorrt
+
+    try:
+        import tensorrt
+        trt_version = tensorrt.__version__
+    except ImportError:
+        trt_version = 'unknown'
+    return {
+        'artifact_sha256': sidecar.files['pt2'].sha256,
+        'gpu': torch.cuda.get_device_name(),
+        'compute_capability': '.'.join(map(str, torch.cuda.get_device_capability())),
+        'torch': torch.__version__,
+        'torch_tensorrt': torch_tensorrt.__version__,
+        'tensorrt': trt_version,
+        'precision': precision,
+    }
+
+
+def engine_path(sidecar: Sidecar, precision: str,
+                cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `anomaly-seg build-engine` caches the engine of this artifact on this machine."""
+    key = engine_cache_key(sidecar, precision)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    gpu = re.sub(r'[^A-Za-z0-9]+', '-', key['gpu']).strip('-').lower()
+    stem = Path(sidecar.files['pt2'].name).stem
+    return default_engine_cache_dir(cache_dir) / f'{stem}.{gpu}.{precision}.{digest}.ep'
+
+
+def default_engine_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $ANOMALY_SEG_ENGINE_CACHE, else ~/.cache/anomaly_seg/engines."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get(ENGINE_CACHE_ENV):
+        return Path(os.environ[ENGINE_CACHE_ENV])
+    return Path.home() / '.cache' / 'anomaly_seg' / 'engines'
+
+
+def _check_torch_device(torch: Any, device: str, precision: str) -> None:
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise BackendError('device cuda asked, but torch sees no CUDA device; use device cpu '
+                           '(or backend auto, which falls back to the CPU)')
+    if device == 'cpu' and precision == 'fp16':
+        raise BackendError('fp16 runs on cuda only; use precision fp32 on the CPU')
+
+
+def _drop_dtype_asserts(torch: Any, module: Any) -> Any:
+    """Remove the float32 metadata asserts torch.export traced, so the graph runs in fp16."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in list(graph_module.graph.nodes):
+            if node.op == 'call_function' and node.target is target and not node.users:
+                graph_module.graph.erase_node(node)
+        graph_module.recompile()
+    return module
+
+
+def _import(module: str, package: str, fix: str) -> Any:
+    if importlib.util.find_spec(module) is None:
+        raise BackendError(f'{package} is not installed: {fix}')
+    return importlib.import_module(module)

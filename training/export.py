@@ -1,0 +1,459 @@
+"""Export a segmenter as an artifact: NAME.onnx, NAME.pt2 and the sidecar NAME.json.
+
+`DeployModel` puts the whole deploy graph in one module: float32 RGB 0..255 `[N, 3, H, W]` in,
+int32 labels and the float32 anomaly score `[N, H, W]` out (normalisation lives in the segmenter,
+the score in `training.scores`), so evaluation and deployment share one implementation.
+`export_artifact` writes both graphs at one static size and checks them against eager torch on
+synthetic road-like images before it writes the sidecar (DESIGN.md, "The artifact contract").
+"""
+
+from collections.abc import Mapping
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+import subprocess
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomaly_seg_node.artifact import (
+    FileRef,
+    InputSpec,
+    ScoreSpec,
+    Sidecar,
+    sha256_file,
+    sidecar_from_dict,
+    write_sidecar,
+)
+from anomaly_seg_node.errors import ArtifactError, ConfigError
+from training.data import labels as label_ids
+
+SEGMENTATION = 'segmentation'
+# Parity requirements of issue 5 §1.
+MIN_LABEL_AGREEMENT = 0.999
+MIN_MASK_AGREEMENT = 0.995
+MAX_DIFF_OVER_STD = 1e-3
+METADATA_KEYS = ('method', 'classes', 'palette', 'void_id', 'training', 'code_version',
+                 'default_threshold')
+
+
+class DeployModel(nn.Module):
+    """The deploy graph: segmenter -> (argmax labels int32, anomaly score float32).
+
+    `segmenter(x)` takes float RGB 0..255 `[N, 3, H, W]` and returns a dict with 'logits'
+    `[N, K, H, W]` and, when it has an outlier head, 'outlier_logits' `[N, 2, H, W]`.
+    `score_name` is a name of `training.scores.SCORES` or 'segmentation' (labels plus a zero
+    score, to benchmark the segmenter alone).
+    """
+
+    def __init__(self, segmenter: nn.Module, score_name: str,
+                 temperature: float | None = None) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.score_name = score_name
+        self.temperature = temperature
+        if score_name == SEGMENTATION:
+            self.units = 'none'
+            self.effective_temperature = None
+            return
+        from training import scores
+
+        if score_name not in scores.SCORES:
+            raise ConfigError(
+                f'unknown score {score_name!r}; expected one of '
+                f'{[*scores.SCORES, SEGMENTATION]}')
+        self.units, self.effective_temperature = _score_metadata(scores, score_name,
+                                                                 temperature)
+        self._anomaly_score = scores.anomaly_score
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.segmenter(image)
+        logits = out['logits']  # [N, K, H, W]
+        labels = logits.argmax(dim=1).to(torch.int32)  # [N, H, W]
+        if self.score_name == SEGMENTATION:
+            score = torch.zeros_like(logits[:, 0], dtype=torch.float32)
+        else:
+            # The score in float32 also when the network runs in float16 (torch fp16
+            # backend): its constants (clamp bounds) are traced in float32.
+            outlier_logits = out.get('outlier_logits')
+            score = self._anomaly_score(
+                self.score_name, logits.float(),
+                None if outlier_logits is None else outlier_logits.float(), self.temperature)
+        return labels, score.to(torch.float32)
+
+
+def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
+                    size: tuple[int, int] = (360, 640), batch: int = 1,
+                    calibration_images: np.ndarray | None = None,
+                    thresholds: Mapping[str, float] | None = None,
+                    metadata: Mapping[str, Any] | None = None,
+                    check_images: int = 4, seed: int = 0) -> Sidecar:
+    """Write OUT_STEM.onnx, OUT_STEM.pt2 and OUT_STEM.json, checked against eager torch.
+
+    The check runs `check_images` synthetic road-like images (plus `calibration_images`, uint8
+    `[M, H, W, 3]` at `size`, when given) through eager torch, ONNX Runtime and the reloaded
+    ExportedProgram. On failure it raises ArtifactError with the figures and writes nothing;
+    on success the model files are renamed into place and the sidecar is written last.
+    `model` must live on the CPU; it is put in eval mode.
+    """
+    height, width = _check_size(size)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f'batch must be a positive integer, found {batch!r}')
+    metadata = dict(metadata or {})
+    unknown = sorted(set(metadata) - set(METADATA_KEYS))
+    if unknown:
+        raise ConfigError(f'unknown export metadata keys {unknown}; expected some of '
+                          f'{list(METADATA_KEYS)}')
+    if not isinstance(metadata.get('training', {}), Mapping):
+        raise ConfigError('export metadata training must be a dict (the training config), '
+                          f'found {type(metadata["training"]).__name__}')
+    thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
+    default_threshold = metadata.get('default_threshold')
+    if default_threshold is None and thresholds:
+        default_threshold = 'tpr95' if 'tpr95' in thresholds else sorted(thresholds)[0]
+    if default_threshold is not None and default_threshold not in thresholds:
+        raise ConfigError(f'default_threshold {default_threshold!r} is not one of the '
+                          f'thresholds {sorted(thresholds)}')
+
+    if any(t.device.type != 'cpu' for t in [*model.parameters(), *model.buffers()]):
+        raise ConfigError('export runs on the CPU; move the model there first (model.cpu())')
+    model = model.eval()
+    example = torch.zeros(batch, 3, height, width)
+    with torch.no_grad():
+        num_classes = model.segmenter(example[:1])['logits'].shape[1]
+        model(example[:1])  # a score that needs a missing outlier head fails here, clearly
+    classes, palette = _classes_and_palette(metadata, num_classes)
+
+    images = road_like_images(check_images, height, width, seed=seed)
+    if calibration_images is not None:
+        calibration_images = np.asarray(calibration_images)
+        if calibration_images.dtype != np.uint8 or calibration_images.ndim != 4 \
+                or calibration_images.shape[1:] != (height, width, 3):
+            raise ConfigError(
+                f'calibration images must be uint8 [M, {height}, {width}, 3] at the artifact '
+                f'size, found {calibration_images.dtype} {list(calibration_images.shape)}; '
+                'resize them first')
+        images = np.concatenate([images, calibration_images])
+
+    out_stem = Path(out_stem)
+    folder, name = out_stem.parent, out_stem.name
+    # The sidecar less hashes and figures: bad metadata fails here, before the slow part.
+    draft = Sidecar(
+        method=metadata.get('method', type(model.segmenter).__name__),
+        score=ScoreSpec(name=model.score_name, units=model.units,
+                        temperature=model.effective_temperature),
+        input=InputSpec(height=height, width=width, batch=batch),
+        classes=tuple(classes),
+        palette=tuple(tuple(rgb) for rgb in palette),
+        files={kind: FileRef(f'{name}.{kind}', '0' * 64) for kind in ('onnx', 'pt2')},
+        void_id=metadata.get('void_id', label_ids.IGNORE_ID),
+        thresholds=thresholds,
+        default_threshold=default_threshold,
+        training=dict(metadata.get('training', {})),
+        code_version=metadata.get('code_version') or code_version(),
+        created=_now(),
+    )
+    _check_document(draft)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_onnx = _temp_path(folder, name, '.onnx')
+    tmp_pt2 = _temp_path(folder, name, '.pt2')
+    try:
+        for what, write, tmp in (('torch.onnx.export', _export_onnx, tmp_onnx),
+                                 ('torch.export', _export_pt2, tmp_pt2)):
+            try:
+                write(model, example, tmp)
+            except Exception as error:
+                raise ArtifactError(
+                    f'export of {name} failed in {what}: {error}. The model uses an operation '
+                    'the exporter cannot trace; nothing was written') from error
+        _check_onnx(tmp_onnx)
+        eager = run_batched(_eager_runner(model), images, batch)
+        threshold = (thresholds[default_threshold] if default_threshold is not None
+                     else float(np.median(eager[1])))
+        parity = {
+            'images': int(images.shape[0]),
+            'synthetic_images': int(check_images),
+            'size': [height, width],
+            'threshold': threshold,
+            'threshold_name': default_threshold or 'median of the eager scores',
+            'requirements': {'label_agreement': MIN_LABEL_AGREEMENT,
+                             'mask_agreement': MIN_MASK_AGREEMENT,
+                             'score_diff_over_std': MAX_DIFF_OVER_STD},
+        }
+        failures = []
+        for runtime, runner in (('onnxruntime', _onnx_runner(tmp_onnx)),
+                                ('torch_export', _pt2_runner(tmp_pt2))):
+            outputs = run_batched(runner, images, batch)
+            figures = parity_figures(eager, outputs, threshold)
+            parity[runtime] = figures
+            failures += [f'{runtime}: {problem}' for problem in parity_failures(figures)]
+        if failures:
+            raise ArtifactError(
+                f'export of {name} failed its parity check against eager torch: '
+                f'{"; ".join(failures)}. Figures: {parity}. Nothing was written; check the '
+                'model for export-unsafe operations (data-dependent shapes, in-place ops on '
+                'inputs, non-deterministic kernels)')
+
+        files = {'onnx': FileRef(f'{name}.onnx', sha256_file(tmp_onnx)),
+                 'pt2': FileRef(f'{name}.pt2', sha256_file(tmp_pt2))}
+        sidecar = dataclasses.replace(draft, files=files, parity=parity, created=_now())
+        _check_document(sidecar)
+        os.replace(tmp_onnx, folder / files['onnx'].name)
+        os.replace(tmp_pt2, folder / files['pt2'].name)
+        path = write_sidecar(sidecar, folder / f'{name}.json')
+    finally:
+        tmp_onnx.unlink(missing_ok=True)
+        tmp_pt2.unlink(missing_ok=True)
+    return _with_source(sidecar, path)
+
+
+def parity_figures(reference: tuple[np.ndarray, np.ndarray],
+                   candidate: tuple[np.ndarray, np.ndarray], threshold: float
+                   ) -> dict[str, float]:
+    """Agreement of (labels, score) with the eager reference, as plain floats."""
+    ref_labels, ref_score = reference
+    labels, score = candidate
+    if labels.shape != ref_labels.shape or score.shape != ref_score.shape:
+        raise ArtifactError(f'exported graph returned shapes {labels.shape}, {score.shape}; '
+                            f'eager torch returned {ref_labels.shape}, {ref_score.shape}')
+    if labels.dtype != np.int32 or score.dtype != np.float32:
+        raise ArtifactError(f'exported graph returned {labels.dtype} labels and {score.dtype} '
+                            'scores; the contract is int32 labels and float32 scores')
+    diff = float(np.max(np.abs(score.astype(np.float64) - ref_score)))
+    std = float(np.std(ref_score.astype(np.float64)))
+    if std > 0:
+        ratio = diff / std
+    else:
+        ratio = 0.0 if diff == 0 else float('inf')
+    return {
+        'label_agreement': float(np.mean(labels == ref_labels)),
+        'mask_agreement': float(np.mean((score > threshold) == (ref_score > threshold))),
+        'max_score_diff': diff,
+        'score_std': std,
+        'score_diff_over_std': ratio,
+    }
+
+
+def parity_failures(figures: Mapping[str, float]) -> list[str]:
+    """The requirements `figures` misses, in words (empty when it passes)."""
+    problems = []
+    if not figures['label_agreement'] >= MIN_LABEL_AGREEMENT:
+        problems.append(f'labels agree on {figures["label_agreement"]:.4%} of pixels, '
+                        f'need >= {MIN_LABEL_AGREEMENT:.1%}')
+    if not figures['mask_agreement'] >= MIN_MASK_AGREEMENT:
+        problems.append(f'anomaly masks agree on {figures["mask_agreement"]:.4%} of pixels, '
+                        f'need >= {MIN_MASK_AGREEMENT:.1%}')
+    if not figures['score_diff_over_std'] <= MAX_DIFF_OVER_STD:
+        problems.append(f'max score difference {figures["max_score_diff"]:.3g} is '
+                        f'{figures["score_diff_over_std"]:.3g} x the score std '
+                        f'{figures["score_std"]:.3g}, need <= {MAX_DIFF_OVER_STD:g}')
+    return problems
+
+
+def run_batched(runner: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run uint8 `[M, H, W, 3]` images through `runner` (float32 NCHW batches of `batch`)."""
+    labels, scores = [], []
+    for start in range(0, images.shape[0], batch):
+        chunk = images[start:start + batch]
+        count = chunk.shape[0]
+        if count < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
+        image = np.ascontiguousarray(chunk.transpose(0, 3, 1, 2), dtype=np.float32)
+        chunk_labels, chunk_scores = runner(image)
+        labels.append(chunk_labels[:count])
+        scores.append(chunk_scores[:count])
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def road_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Synthetic road scenes, uint8 RGB `[count, H, W, 3]`: sky, buildings, road, lanes, cars.
+
+    Varied enough that a trained segmenter predicts several classes; deterministic per seed.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, height)[:, None]  # [H, 1]
+    cols = np.linspace(0.0, 1.0, width)[None, :]  # [1, W]
+    images = np.empty((count, height, width, 3), dtype=np.float64)
+    for index in range(count):
+        horizon = rng.uniform(0.35, 0.55)
+        vanish = rng.uniform(0.35, 0.65)
+        image = images[index]
+        # Sky: a vertical gradient from blue to pale.
+        image[...] = (np.array([90, 140, 210]) + rows[..., None] * np.array([120, 90, 40]))
+        # Buildings: random boxes rising from the horizon.
+        for _ in range(rng.integers(3, 7)):
+            left, right = np.sort(rng.uniform(0, 1, 2))
+            top = rng.uniform(0.05, horizon)
+            box = (cols >= left) & (cols < right) & (rows >= top) & (rows < horizon)
+            image[box] = rng.uniform(40, 160, 3)
+        # Ground below the horizon: sidewalk, then the road as a trapezoid to the vanishing point.
+        below = rows >= horizon
+        depth = np.clip((rows - horizon) / (1 - horizon), 0, 1)
+        half = 0.05 + 0.6 * depth
+        image[below & np.ones_like(cols, dtype=bool)] = (200, 170, 190)
+        road = below & (np.abs(cols - vanish) < half)
+        image[road] = (110, 110, 115)
+        lane = road & (np.abs(cols - vanish) < 0.01 + 0.02 * depth) & \
+            ((depth * 12) % 1 < 0.5)
+        image[lane] = (240, 240, 230)
+        # Vegetation strip and a few cars on the road.
+        green = below & (np.abs(cols - vanish) > half + 0.1) & (rows < horizon + 0.1)
+        image[green] = (60, 120, 40)
+        for _ in range(rng.integers(1, 4)):
+            y = rng.uniform(horizon + 0.05, 0.9)
+            d = (y - horizon) / (1 - horizon)
+            x = vanish + rng.uniform(-0.8, 0.8) * (0.05 + 0.6 * d)
+            w, h = 0.12 * d + 0.02, 0.08 * d + 0.015
+            car = (np.abs(cols - x) < w / 2) & (np.abs(rows - y) < h / 2)
+            image[car] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 6, image.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with '-dirty' when modified), else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root,
+                                capture_output=True, text=True, check=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                               cwd=root, capture_output=True, text=True, check=True,
+                               timeout=10).stdout.strip()
+        return f'{commit}-dirty' if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return 'anomaly_seg ' + importlib.metadata.version('anomaly_seg')
+        except importlib.metadata.PackageNotFoundError:
+            return 'unknown'
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # Weights inside the one file, so its sha256 covers them.
+    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                      input_names=['image'], output_names=['labels', 'anomaly_score'],
+                      verbose=False)
+
+
+def _export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    program = torch.export.export(model, (example,))
+    torch.export.save(program, str(path))
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ArtifactError(f'the exported ONNX graph fails onnx.checker: {error}') from None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = [node.name for node in graph.input]
+    outputs = [node.name for node in graph.output]
+    if inputs != ['image'] or outputs != ['labels', 'anomaly_score']:
+        raise ArtifactError(f'the exported ONNX graph has inputs {inputs} and outputs '
+                            f"{outputs}; expected ['image'] -> ['labels', 'anomaly_score']")
+
+
+def _eager_runner(model: nn.Module) -> Any:
+    def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            labels, score = model(torch.from_numpy(image))
+        return labels.numpy(), score.numpy()
+    return run
+
+
+def _onnx_runner(path: Path) -> Any:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+
+    def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels, score = session.run(['labels', 'anomaly_score'], {'image': image})
+        return labels, score
+    return run
+
+
+def _pt2_runner(path: Path) -> Any:
+    module = torch.export.load(str(path)).module()
+
+    def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            labels, score = module(torch.from_numpy(image))
+        return labels.numpy(), score.numpy()
+    return run
+
+
+def _score_metadata(scores: Any, name: str, temperature: float | None
+                    ) -> tuple[str, float | None]:
+    """(units, temperature in effect) of a score; validates the temperature on a tiny input."""
+    info = scores.score_info(name)
+    probe = torch.zeros(1, 2, 1, 1)
+    scores.anomaly_score(name, probe, probe if info.needs_outlier_head else None, temperature)
+    if temperature is None:
+        return info.units, info.default_temperature
+    return info.units, float(temperature)
+
+
+def _classes_and_palette(metadata: Mapping[str, Any], num_classes: int
+                         ) -> tuple[list[str], list[tuple[int, int, int]]]:
+    if 'classes' in metadata:
+        classes = list(metadata['classes'])
+        palette = list(metadata.get('palette', []))
+    else:
+        mappings = {len(label_ids.class_names(m)): m for m in label_ids.MAPPINGS}
+        if num_classes not in mappings:
+            raise ConfigError(
+                f'the segmenter predicts {num_classes} classes, which matches no StreetHazards '
+                f'mapping ({sorted(mappings)} classes); pass metadata classes and palette')
+        classes = label_ids.class_names(mappings[num_classes])
+        palette = metadata.get('palette', label_ids.palette(mappings[num_classes]))
+    if len(classes) != num_classes or len(palette) != num_classes:
+        raise ConfigError(f'the segmenter predicts {num_classes} classes but metadata gives '
+                          f'{len(classes)} class names and {len(palette)} palette colours')
+    return classes, palette
+
+
+def _check_size(size: Any) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ConfigError(f'size must be (H, W), found {size!r}') from None
+    if height < 8 or width < 8:
+        raise ConfigError(f'size must be at least 8x8, found {height}x{width}')
+    return height, width
+
+
+def _temp_path(folder: Path, name: str, suffix: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix=f'.tmp{suffix}', dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are shared read-only files
+    return Path(tmp)
+
+
+def _check_document(sidecar: Sidecar) -> None:
+    """Refuse a sidecar that would not serialise or read back, before any file is renamed."""
+    try:
+        document = json.loads(json.dumps(sidecar.to_dict(), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'export metadata must be plain JSON values (finite numbers, '
+                          f'strings, lists, dicts): {error}') from None
+    try:
+        sidecar_from_dict(document, where='the sidecar to be written')
+    except ArtifactError as error:
+        problem = str(error).split('; re-export')[0]
+        raise ConfigError(f'{problem}; fix the export metadata') from None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def _with_source(sidecar: Sidecar, path: Path) -> Sidecar:
+    return dataclasses.replace(sidecar, source=str(path.resolve()))
