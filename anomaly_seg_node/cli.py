@@ -17,6 +17,9 @@ from anomaly_seg_node.errors import AnomalySegError
 COMMANDS: dict[str, tuple[str, str]] = {
     'synth': ('training.synth.command',
               'write synthetic StreetHazards scenes, ADE20k-style negatives or a drive rosbag'),
+    'replay': ('anomaly_seg_node.replay_command',
+               'replay a rosbag through an artifact: metrics against a label topic, latency, '
+               'dropped frames, overlay video, output bag'),
     'demo': ('anomaly_seg_node.demo', "the newcomer's first run on the embedded default"),
 }
 

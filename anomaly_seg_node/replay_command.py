@@ -1,0 +1,285 @@
+"""`anomaly-seg replay`: an artifact on a recorded drive, offline; metrics, latency, video.
+
+Writes into --out: `metrics.json` (machine-readable) and `summary.md` (for people) first, as
+soon as the pass over the bag ends, then, when asked, `overlay.mp4` and the rosbag2
+`output_bag/` (the input's topics plus the node's outputs), and finally the two reports again
+with the outputs listed. `frames.jsonl` holds one line per camera frame, written as it goes.
+A broken bag, a missing topic or labels of another size stop the replay with a message, after
+the results computed so far are written.
+
+Heavy modules (OpenCV, rosbags, onnxruntime, torch) are imported inside `run`.
+"""
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+LABEL_KINDS = ('streethazards', 'train-ids')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--bag', required=True, type=Path,
+                        help='rosbag2 folder (mcap or sqlite3), ROS 1 .bag file or .mcap file')
+    parser.add_argument('--artifact', required=True, type=Path,
+                        help='the sidecar NAME.json of an exported artifact')
+    parser.add_argument('--image-topic', default=None,
+                        help='sensor_msgs/Image or CompressedImage topic (default: found in '
+                             'the bag, raw preferred over compressed)')
+    parser.add_argument('--label-topic', default=None,
+                        help='mono8 label topic matched to images by header stamp (default: a '
+                             'topic named like "labels"; without one only latency is measured)')
+    parser.add_argument('--labels', choices=LABEL_KINDS, default='streethazards',
+                        help='what the label ids are: raw StreetHazards ids (mapped to the '
+                             "artifact's classes by name, anomaly = 14) or the artifact's own "
+                             'ids 0..K-1 with K = anomaly (default: %(default)s)')
+    parser.add_argument('--backend', default='auto',
+                        choices=('auto', 'tensorrt', 'torch', 'onnxruntime'),
+                        help='inference backend (default: %(default)s)')
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                        help='device (default: %(default)s)')
+    parser.add_argument('--precision', default='fp32', choices=('fp32', 'fp16'),
+                        help='precision (fp16 needs cuda; default: %(default)s)')
+    parser.add_argument('--threshold', default=None,
+                        help='anomaly threshold: a number or a sidecar threshold name (default: '
+                             "the sidecar's default, else the export check's median score)")
+    parser.add_argument('--rate', type=float, default=None,
+                        help='replay against the bag timestamps at this speed (1.0 = real '
+                             "time) with the node's newest-frame policy, reporting dropped "
+                             'frames and end-to-end latency; default: every frame, as fast '
+                             'as possible')
+    parser.add_argument('--out', type=Path, default=None,
+                        help='output folder (default: ./replay_BAGNAME)')
+    parser.add_argument('--write-bag', action='store_true',
+                        help='also write OUT/output_bag: the input topics plus the node outputs')
+    parser.add_argument('--output-namespace', default='/anomaly_seg',
+                        help='namespace of the output topics in --write-bag (default: '
+                             '%(default)s)')
+    parser.add_argument('--video', action='store_true',
+                        help='also write OUT/overlay.mp4 (mp4v) of the overlay')
+    parser.add_argument('--max-frames', type=int, default=None,
+                        help='stop after this many camera frames')
+    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from anomaly_seg_node import backends
+    from anomaly_seg_node.artifact import read_sidecar, resolve_threshold
+    from anomaly_seg_node.errors import BagError
+    from anomaly_seg_node.pipeline import FramePipeline
+    from anomaly_seg_node.replay import BagSink, Replay, VideoSink
+
+    sidecar = read_sidecar(args.artifact)
+    threshold, threshold_source = _threshold(sidecar, args.threshold, resolve_threshold)
+    labels = _label_spec(args.labels, sidecar.classes)
+    out = args.out if args.out is not None else Path(f'replay_{Path(args.bag).name}')
+    out.mkdir(parents=True, exist_ok=True)
+    segmenter = backends.load(sidecar, args.backend, args.device, args.precision)
+    pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
+                             threshold=threshold)
+    sinks: dict[str, Any] = {}
+    want = ['semantic_mask', 'anomaly_score', 'anomaly_mask']
+    if args.video:
+        sinks['video'] = VideoSink(out / 'overlay.mp4')
+        want.append('overlay')
+    if args.write_bag:
+        sinks['bag'] = BagSink(out / 'output_bag', namespace=args.output_namespace)
+        want += ['semantic_color', 'overlay']
+    artifact = {
+        'sidecar': str(args.artifact), 'method': sidecar.method, 'score': sidecar.score.name,
+        'input_size': list(sidecar.input_size), 'classes': list(sidecar.classes),
+        'backend': getattr(segmenter, 'backend', args.backend),
+        'device': getattr(segmenter, 'device', args.device),
+        'precision': getattr(segmenter, 'precision', args.precision),
+        'backend_reason': getattr(segmenter, 'reason', ''),
+        'threshold': threshold, 'threshold_source': threshold_source,
+    }
+    bar = tqdm(desc='replay', unit='frame', disable=args.no_progress)
+
+    def progress(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    frames_path = out / 'frames.jsonl'
+    error: BagError | None = None
+    with open(frames_path, 'w', encoding='utf-8') as frames_file:
+        def on_frame(record: dict[str, Any]) -> None:
+            frames_file.write(json.dumps(_jsonable(record)) + '\n')
+
+        replay = Replay(args.bag, pipeline, image_topic=args.image_topic,
+                        label_topic=args.label_topic, labels=labels, rate=args.rate,
+                        max_frames=args.max_frames, want=want, sinks=list(sinks.values()),
+                        on_frame=on_frame, on_progress=progress)
+        try:
+            replay.run()
+        except BagError as caught:
+            error = caught
+        finally:
+            bar.close()
+    report = {**replay.report(), 'artifact': artifact, 'files': {'frames': str(frames_path)}}
+    write_reports(out, report)  # first: nothing below can lose these results
+    if sinks:
+        report['outputs'] = {name: sink.close() for name, sink in sinks.items()}
+        write_reports(out, report)
+    if error is not None:
+        raise BagError(f'{error} (partial results written to {out / "metrics.json"})')
+    return summary(report, out)
+
+
+def _threshold(sidecar: Any, value: str | None, resolve: Any) -> tuple[float, str]:
+    if value is not None:
+        return resolve(sidecar, value), f'--threshold {value}'
+    if sidecar.default_threshold is not None:
+        return resolve(sidecar), f'sidecar default {sidecar.default_threshold!r}'
+    parity = sidecar.parity.get('threshold') if isinstance(sidecar.parity, dict) else None
+    if isinstance(parity, (int, float)) and math.isfinite(parity):
+        return float(parity), ('no calibrated threshold in the sidecar: the median score of '
+                               'the export check (pass --threshold to choose)')
+    return 0.0, 'no threshold in the sidecar: 0.0 (pass --threshold to choose)'
+
+
+def _label_spec(kind: str, classes: Any) -> Any:
+    from anomaly_seg_node.errors import ConfigError
+    from anomaly_seg_node.replay import LabelSpec
+
+    if kind == 'train-ids':
+        return LabelSpec.train_ids(len(classes))
+    try:
+        from training.data.labels import IGNORE_ID, RAW_ANOMALY_ID, RAW_CLASS_NAMES
+    except ImportError:
+        raise ConfigError(
+            "--labels streethazards needs the StreetHazards label table of the 'training' "
+            'package, which is not installed here; install the full package or pass '
+            "--labels train-ids for labels in the artifact's own ids") from None
+    return LabelSpec.from_names(RAW_CLASS_NAMES, [RAW_ANOMALY_ID], classes,
+                                name='StreetHazards raw ids', ignore=IGNORE_ID)
+
+
+def summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The short result printed by the command."""
+    frames = report['frames']
+    result: dict[str, Any] = {
+        'out': str(out),
+        'mode': report['mode'],
+        'frames': {k: frames[k] for k in ('read', 'processed', 'dropped', 'rejected',
+                                          'with_labels')},
+    }
+    latency = report['latency_ms']
+    result['latency_ms'] = {stage: {k: latency[stage][k] for k in ('mean', 'p50', 'p99')}
+                            for stage in ('decode', 'infer', 'process', 'end_to_end')
+                            if latency.get(stage, {}).get('count')}
+    if 'live' in report:
+        result['live'] = {k: v for k, v in report['live'].items() if v is not None}
+    metrics = report.get('metrics', {})
+    if 'skipped' in metrics:
+        result['metrics'] = metrics['skipped']
+    else:
+        headline = {}
+        for section, keys in (('per_image', ('ap', 'auroc', 'fpr95')),
+                              ('pooled', ('ap', 'auroc', 'fpr95')),
+                              ('closed', ('miou',)), ('open_set', ('open_miou',))):
+            block = metrics.get(section, {})
+            for key in keys:
+                if key in block:
+                    headline[f'{section}.{key}'] = block[key]
+        result['metrics'] = headline
+    if 'growth_mb' in report.get('memory', {}):
+        result['memory_growth_mb'] = report['memory']['growth_mb']
+    return result
+
+
+def write_reports(out: Path, report: dict[str, Any]) -> None:
+    """metrics.json and summary.md, each replaced atomically."""
+    _atomic_text(out / 'metrics.json', json.dumps(_jsonable(report), indent=2) + '\n')
+    _atomic_text(out / 'summary.md', render_markdown(report))
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    bag, frames, art = report['bag'], report['frames'], report.get('artifact', {})
+    lines = ['# anomaly-seg replay', '']
+    if report.get('error'):
+        lines += ['**Stopped early:** ' + report['error'], '']
+    lines += [f'- bag: `{bag["path"]}` ({bag.get("kind")})',
+              f'- image topic: `{bag.get("image_topic")}` ({bag.get("image_kind")}), label '
+              f'topic: `{bag.get("label_topic")}`',
+              f'- artifact: `{art.get("sidecar")}` ({art.get("method")}, score '
+              f'{art.get("score")}, input {art.get("input_size")}), backend '
+              f'{art.get("backend")} on {art.get("device")} {art.get("precision")}',
+              f'- threshold: {_fmt(art.get("threshold"))} ({art.get("threshold_source")})',
+              f'- mode: {report["mode"]}',
+              f'- frames: {frames["read"]} read, {frames["processed"]} processed, '
+              f'{frames["dropped"]} dropped, {frames["rejected"]} rejected; '
+              f'{frames["with_labels"]} with labels', '']
+    if bag.get('note'):
+        lines += [f'Note: {bag["note"]}', '']
+    lines += ['## Latency (ms)', '', '| stage | count | mean | p50 | p90 | p99 | max |',
+              '|---|---|---|---|---|---|---|']
+    for stage, stats in report['latency_ms'].items():
+        if stats.get('count'):
+            lines.append(f'| {stage} | {stats["count"]} | ' + ' | '.join(
+                _fmt(stats[k]) for k in ('mean', 'p50', 'p90', 'p99', 'max')) + ' |')
+    lines.append('')
+    if 'live' in report:
+        lines += ['## Live replay', '']
+        lines += [f'- {key}: {_fmt(value)}' for key, value in report['live'].items()]
+        lines.append('')
+    if report.get('memory'):
+        lines += ['## Memory (RSS, MiB)', '']
+        lines += [f'- {key}: {_fmt(value)}' for key, value in report['memory'].items()]
+        lines.append('')
+    metrics = report.get('metrics', {})
+    lines += ['## Metrics', '']
+    if 'skipped' in metrics:
+        lines += [f'Skipped: {metrics["skipped"]}', '']
+    else:
+        lines += [f'{metrics.get("frames", 0)} labelled frames, labels: {metrics.get("labels")}',
+                  '', '| protocol | AP | AUROC | FPR95 |', '|---|---|---|---|']
+        for section in ('per_image', 'pooled'):
+            block = metrics.get(section, {})
+            if 'error' in block:
+                lines.append(f'| {section} | {block["error"]} | | |')
+            else:
+                lines.append(f'| {section} | ' + ' | '.join(
+                    _fmt(block.get(k)) for k in ('ap', 'auroc', 'fpr95')) + ' |')
+        closed, open_set = metrics.get('closed', {}), metrics.get('open_set', {})
+        lines += ['', f'- closed mIoU: {_fmt(closed.get("miou", closed.get("error")))}',
+                  f'- open-mIoU: {_fmt(open_set.get("open_miou", open_set.get("error")))} '
+                  f'(threshold {_fmt(metrics.get("threshold"))})', '']
+    if report.get('outputs'):
+        lines += ['## Outputs', '']
+        for name, info in report['outputs'].items():
+            where = info.get('path') or 'not written'
+            error = f' — {info["error"]}' if info.get('error') else ''
+            lines.append(f'- {name}: `{where}`{error}')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and inf become null (JSON has neither); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, 'item') and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text, encoding='utf-8')
+    os.replace(tmp, path)

@@ -1,0 +1,87 @@
+"""`anomaly-seg synth`: synthetic StreetHazards scenes, ADE20k-style negatives, drive rosbags."""
+
+import argparse
+from typing import Any
+
+from anomaly_seg_node.errors import ConfigError
+
+
+def _size(text: str) -> tuple[int, int]:
+    from training.synth.dataset import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sub-subcommands dataset, negatives, bag and preview with their flags."""
+    sub = parser.add_subparsers(dest='synth_command', metavar='KIND', required=True)
+
+    p = sub.add_parser('dataset', help='procedural road scenes in the StreetHazards layout',
+                       description='Procedural road scenes in the StreetHazards layout: train '
+                                   '(t1-t3) and validation (t4) without anomalies, test (t5, t6) '
+                                   'with anomalies (raw id 14).')
+    p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
+    p.add_argument('--train', type=int, default=60, help='training images (default 60)')
+    p.add_argument('--val', type=int, default=20, help='validation images (default 20)')
+    p.add_argument('--test', type=int, default=20, help='test images (default 20)')
+    p.add_argument('--size', type=_size, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+
+    p = sub.add_parser('negatives', help='ADE20k-layout negatives for DenseHybrid-style methods',
+                       description='ADE20k-layout folder (images/training/*.jpg, '
+                                   'annotations/training/*.png) of convex shapes with pattern '
+                                   'textures, families the test anomalies never use.')
+    p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
+    p.add_argument('--n', type=int, default=50, help='number of images (default 50)')
+    p.add_argument('--size', type=_size, default=(384, 512), help='HxW (default 384x512)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+
+    p = sub.add_parser('bag', help='a forward drive as a rosbag2 (mcap or sqlite3)',
+                       description='A temporally coherent forward drive with anomalies on the '
+                                   'road, written as a rosbag2: image, optional compressed '
+                                   'image, camera_info and label topics.')
+    p.add_argument('--out', required=True, help='bag folder to create')
+    p.add_argument('--frames', type=int, default=50, help='number of frames (default 50)')
+    p.add_argument('--size', type=_size, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap',
+                   help='rosbag2 storage plugin (default mcap)')
+    p.add_argument('--encoding', choices=('rgb8', 'bgr8', 'mono8'), default='rgb8',
+                   help='sensor_msgs/Image encoding of /camera/image_raw (default rgb8)')
+    p.add_argument('--compressed', action='store_true',
+                   help='also write /camera/image_raw/compressed (jpeg)')
+    p.add_argument('--rate', type=float, default=10.0, help='frame rate in Hz (default 10)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+
+    p = sub.add_parser('preview', help='contact sheet PNG of images, labels and anomalies',
+                       description='A contact sheet of a StreetHazards-layout folder: image, '
+                                   'colourised raw labels and anomaly mask per row.')
+    p.add_argument('--data', required=True, help='output folder of `synth dataset`')
+    p.add_argument('--out', required=True, help='PNG file to write')
+    p.add_argument('--n', type=int, default=6, help='number of rows (default 6)')
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one synth kind and return its manifest."""
+    from training.synth import render_preview, write_bag, write_dataset, write_negatives
+
+    kind = args.synth_command
+    if kind == 'dataset':
+        return write_dataset(args.out, args.train, args.val, args.test, size=args.size,
+                             seed=args.seed, overwrite=args.overwrite)
+    if kind == 'negatives':
+        return write_negatives(args.out, args.n, size=args.size, seed=args.seed,
+                               overwrite=args.overwrite)
+    if kind == 'bag':
+        return write_bag(args.out, args.frames, size=args.size, storage=args.storage,
+                         encoding=args.encoding, compressed=args.compressed, seed=args.seed,
+                         rate_hz=args.rate, overwrite=args.overwrite)
+    if kind == 'preview':
+        path = render_preview(args.data, args.out, n=args.n)
+        return {'preview': str(path)}
+    raise ConfigError(f'unknown synth kind {kind!r}; expected dataset, negatives, bag or preview')
