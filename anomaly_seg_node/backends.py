@@ -8,6 +8,7 @@ torch, torch_tensorrt and onnxruntime are imported only inside the backend that 
 missing optional package is a clear BackendError at load time, not an import crash.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import hashlib
 import importlib.util
@@ -26,6 +27,7 @@ BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
 DEVICES = ('cpu', 'cuda')
 PRECISIONS = ('fp32', 'fp16')
 ENGINE_CACHE_ENV = 'ANOMALY_SEG_ENGINE_CACHE'
+ENGINE_ENVIRONMENT_FIELDS = ('gpu', 'compute_capability', 'torch', 'torch_tensorrt', 'tensorrt')
 
 
 @dataclass(frozen=True)
@@ -322,8 +324,8 @@ def _cuda_unavailable() -> str:
     return ''
 
 
-def engine_cache_key(sidecar: Sidecar, precision: str) -> dict[str, str]:
-    """What a TensorRT engine depends on: artifact, GPU, versions and precision."""
+def engine_environment() -> dict[str, str]:
+    """This machine's part of the engine cache key: GPU, compute capability and versions."""
     import torch
     import torch_tensorrt
 
@@ -333,20 +335,34 @@ def engine_cache_key(sidecar: Sidecar, precision: str) -> dict[str, str]:
     except ImportError:
         trt_version = 'unknown'
     return {
-        'artifact_sha256': sidecar.files['pt2'].sha256,
         'gpu': torch.cuda.get_device_name(),
         'compute_capability': '.'.join(map(str, torch.cuda.get_device_capability())),
         'torch': torch.__version__,
         'torch_tensorrt': torch_tensorrt.__version__,
         'tensorrt': trt_version,
+    }
+
+
+def engine_cache_key(sidecar: Sidecar, precision: str,
+                     environment: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a TensorRT engine depends on: artifact, GPU, versions and precision.
+
+    `environment` is `engine_environment()`, probed here when not given.
+    """
+    if environment is None:
+        environment = engine_environment()
+    return {
+        'artifact_sha256': sidecar.files['pt2'].sha256,
+        **{name: str(environment[name]) for name in ENGINE_ENVIRONMENT_FIELDS},
         'precision': precision,
     }
 
 
 def engine_path(sidecar: Sidecar, precision: str,
-                cache_dir: str | os.PathLike | None = None) -> Path:
+                cache_dir: str | os.PathLike | None = None,
+                environment: Mapping[str, str] | None = None) -> Path:
     """Where `anomaly-seg build-engine` caches the engine of this artifact on this machine."""
-    key = engine_cache_key(sidecar, precision)
+    key = engine_cache_key(sidecar, precision, environment)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     gpu = re.sub(r'[^A-Za-z0-9]+', '-', key['gpu']).strip('-').lower()
     stem = Path(sidecar.files['pt2'].name).stem

@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'replay': ('anomaly_seg_node.replay_command',
                'replay a rosbag through an artifact: metrics against a label topic, latency, '
                'dropped frames, overlay video, output bag'),
+    'build-engine': ('anomaly_seg_node.build_engine',
+                     'build, verify and cache the TensorRT engine of an artifact for this GPU '
+                     '(takes minutes)'),
     'demo': ('anomaly_seg_node.demo', "the newcomer's first run on the embedded default"),
 }
 

@@ -97,8 +97,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=PRECISIONS),
     ParamSpec('engine_cache_dir', '', 'Folder of TensorRT engines built by anomaly-seg '
               'build-engine; empty: $ANOMALY_SEG_ENGINE_CACHE or ~/.cache/anomaly_seg/engines.'),
-    ParamSpec('allow_engine_build', False, 'Build a missing TensorRT engine at configure (takes '
-              'minutes). This version cannot build at start: run anomaly-seg build-engine.'),
+    ParamSpec('allow_engine_build', False, 'Build and verify a missing TensorRT engine at '
+              'configure when the backend is tensorrt (or auto with torch_tensorrt and a GPU); '
+              'takes minutes. false: run anomaly-seg build-engine beforehand.'),
     ParamSpec('input_transport', 'raw', 'raw subscribes to image (sensor_msgs/Image), compressed '
               'to image/compressed (sensor_msgs/CompressedImage, jpeg or png).',
               choices=INPUT_TRANSPORTS),
@@ -520,9 +521,13 @@ class NodeCore:
             sidecar = read_sidecar(path)
             threshold = resolve_threshold_setting(config.anomaly_threshold, sidecar)
             if config.allow_engine_build:
-                self.transport.log('warning', 'allow_engine_build is true, but this version '
-                                   'cannot build TensorRT engines at start; build one with: '
-                                   f'anomaly-seg build-engine --artifact {path}')
+                from anomaly_seg_node.build_engine import engine_wanted, ensure_engine
+
+                if engine_wanted(config.backend, config.device):
+                    # Blocks configure for minutes when the engine is missing; that is the
+                    # trade asked for by allow_engine_build.
+                    ensure_engine(sidecar, config.precision, config.engine_cache_dir or None,
+                                  allow_build=True, log=self.transport.log)
             self.segmenter = self.loader(sidecar, config.backend, config.device,
                                          config.precision, config.engine_cache_dir or None)
             self.pipeline = FramePipeline(
