@@ -17,6 +17,12 @@ from anomaly_seg_node.errors import AnomalySegError
 COMMANDS: dict[str, tuple[str, str]] = {
     'synth': ('training.synth.command',
               'write synthetic StreetHazards scenes, ADE20k-style negatives or a drive rosbag'),
+    'train': ('training.train_command',
+              "train one of the paper's methods, stage-1 closed-set training or flow "
+              'pretraining from a YAML config'),
+    'evaluate': ('training.evaluate_command',
+                 'Table I metrics of a checkpoint or artifact on a StreetHazards test split: '
+                 'AP/FPR95/AUROC, closed and open mIoU, curves'),
     'replay': ('anomaly_seg_node.replay_command',
                'replay a rosbag through an artifact: metrics against a label topic, latency, '
                'dropped frames, overlay video, output bag'),
