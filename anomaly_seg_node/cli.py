@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'evaluate': ('training.evaluate_command',
                  'Table I metrics of a checkpoint or artifact on a StreetHazards test split: '
                  'AP/FPR95/AUROC, closed and open mIoU, curves'),
+    'export': ('training.export_command',
+               'checkpoint (or --random-init) -> NAME.onnx, NAME.pt2, NAME.json with calibrated '
+               'thresholds, checked against eager torch'),
+    'bench': ('anomaly_seg_node.bench',
+              "frames per second per score graph and backend, and per-stage frame times (the "
+              "paper's Table II)"),
     'replay': ('anomaly_seg_node.replay_command',
                'replay a rosbag through an artifact: metrics against a label topic, latency, '
                'dropped frames, overlay video, output bag'),

@@ -9,7 +9,8 @@ Anomaly scores: higher = more anomalous. Anomaly labels: 1 = anomaly (the positi
   only anomaly pixels, are skipped and counted).
 - `PooledOOD`: one curve over the whole data set, streamed through a fixed histogram (bounded
   memory), with per-run error bounds.
-- `threshold_at_tpr`: the open-set threshold tau at a target TPR.
+- `threshold_at_tpr`: the open-set threshold tau at a target TPR; `threshold_at_fpr`: the
+  threshold at a target false-alarm rate on inlier pixels (both also on `PooledOOD`).
 - `ConfusionMatrix` (closed mIoU) and `OpenSetConfusion` (open-mIoU, methods.md §2.5).
 
 Every result dict holds only floats, ints, strings and lists, so it serialises to JSON.
@@ -151,6 +152,46 @@ def threshold_at_tpr(scores: Any, labels: Any, tpr: float = FPR_TPR,
     return float(thresholds[_first_point(tps, tpr, strict)])
 
 
+def _check_fpr(fpr: float) -> None:
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float, np.floating)) \
+            or not 0.0 < fpr < 1.0:
+        raise ConfigError(f'target false-alarm rate must lie in (0, 1), e.g. 0.01 for 1%, '
+                          f'got {fpr!r}')
+
+
+def _allowed_false_alarms(fpr: float, n_inlier: int) -> int:
+    """m = floor(fpr * n), robust to float rounding (0.29 * 100 is 28.999999999999996)."""
+    return int(np.floor(round(fpr * n_inlier, 9)))
+
+
+def threshold_at_fpr(scores: Any, fpr: float) -> float:
+    """The lowest threshold tau that flags at most `fpr` of the inlier `scores` (score > tau).
+
+    `scores` (any shape) are the scores of inlier pixels only, e.g. the known-class pixels of a
+    validation set. tau is the (m+1)-th largest score, m = floor(fpr * n): at most m scores lie
+    strictly above it, and any lower threshold would flag more than m (ties at tau stay
+    unflagged, so the achieved rate can be lower than `fpr`). The runtime flags `score > tau`,
+    as `OpenSetConfusion` does. O(n) with np.partition; for a whole data set use
+    `PooledOOD.threshold_at_fpr`.
+    """
+    _check_fpr(fpr)
+    values = np.asarray(scores)
+    if values.dtype.kind not in 'fiu':
+        raise DataError(f'inlier scores must be a real-valued array, got dtype {values.dtype}')
+    flat = values.reshape(-1).astype(np.float64)
+    if flat.size == 0:
+        raise DataError('threshold_at_fpr needs inlier scores, got an empty array; pass the '
+                        'scores of the validation pixels of known classes')
+    finite = np.isfinite(flat)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise DataError(f'{int(flat.size - np.count_nonzero(finite))} of {flat.size} inlier '
+                        f'scores are NaN or inf (first at flat index {first}: {flat[first]}); '
+                        'expected finite scores')
+    kth = flat.size - 1 - _allowed_false_alarms(fpr, flat.size)  # ascending position of tau
+    return float(np.partition(flat, kth)[kth])
+
+
 class PerImageOOD:
     """Per-image protocol: AP, AUROC and FPR95 per image, averaged over images.
 
@@ -254,6 +295,12 @@ class PooledOOD:
         """Bytes of accumulated state; constant over updates."""
         return int(self._counts.nbytes)
 
+    @property
+    def pixel_counts(self) -> tuple[int, int]:
+        """(inlier, anomaly) pixels added so far."""
+        inlier, anomaly = self._counts.sum(axis=0)
+        return int(inlier), int(anomaly)
+
     def update(self, scores: Any, labels: Any) -> None:
         """Add the pixels of one image (or batch) to the histogram."""
         kept, is_anomaly = _kept_pixels(scores, labels)
@@ -310,6 +357,27 @@ class PooledOOD:
         _check_tpr(tpr, strict)
         tps, _, occupied = self._curve()
         return _bin_lower_edge(int(occupied[_first_point(tps, tpr, strict)]), self._shift)
+
+    def threshold_at_fpr(self, fpr: float) -> float:
+        """Upper edge tau of the bin holding the (m+1)-th largest inlier score, m = floor(fpr n).
+
+        Uses the inlier pixels (label 0) only, so images without anomalies may be added. The
+        bins above tau hold at most m inliers and `score > tau` flags no score of tau's bin, so
+        the achieved false-alarm rate on the added pixels is at most `fpr`; tau lies at most
+        one bin (relative width 2**-(bits - 9)) above the exact `threshold_at_fpr`.
+        """
+        _check_fpr(fpr)
+        inlier = self._counts[:, 0]
+        occupied = np.flatnonzero(inlier)[::-1]  # highest scores first
+        if occupied.size == 0:
+            raise DataError('PooledOOD holds no inlier (label 0) pixel; threshold_at_fpr needs '
+                            'the scores of inlier validation pixels')
+        above = np.cumsum(inlier[occupied])
+        m = _allowed_false_alarms(fpr, int(above[-1]))
+        index = int(occupied[int(np.searchsorted(above, m, side='right'))])
+        if index + 1 >= 1 << self.bits:
+            return float(np.finfo(np.float32).max)
+        return min(_bin_lower_edge(index + 1, self._shift), float(np.finfo(np.float32).max))
 
 
 def _int_array(values: Any, name: str) -> np.ndarray:

@@ -21,6 +21,7 @@ from anomaly_seg_node.metrics import (
     PooledOOD,
     ood_metrics,
     open_set_prediction,
+    threshold_at_fpr,
     threshold_at_tpr,
 )
 
@@ -334,3 +335,78 @@ def test_open_set_prediction_flags_strictly_above_tau():
         open_set_prediction(pred, np.array([[0.5, np.nan], [0.2, 0.9]]), 0.7, 3)
     with pytest.raises(DataError, match=r'found \[3\]'):
         open_set_prediction(np.array([[0, 3], [2, 1]]), scores, 0.7, 3)
+
+
+# ---- threshold_at_fpr (false-alarm-rate thresholds of the sidecar: fpr1, fpr0.1) -----------
+
+
+def test_threshold_at_fpr_hand_made():
+    scores = np.arange(100, dtype=np.float64)  # 0..99
+    assert threshold_at_fpr(scores, 0.01) == 98.0  # only 99 lies above: 1 of 100 = 1%
+    assert threshold_at_fpr(scores, 0.05) == 94.0  # 95..99 above
+    assert threshold_at_fpr(scores, 0.001) == 99.0  # nothing may lie above
+    assert threshold_at_fpr(scores, 0.29) == 70.0  # 0.29 * 100 rounds to 29, not 28
+    assert threshold_at_fpr(scores.reshape(10, 10)[::-1], 0.01) == 98.0  # any shape or order
+    # ties at tau stay unflagged: the achieved rate may be lower than asked
+    assert threshold_at_fpr(np.full(100, 5.0), 0.01) == 5.0
+    tied = np.r_[np.zeros(90), np.full(10, 3.0)]
+    assert threshold_at_fpr(tied, 0.05) == 3.0 and (tied > 3.0).mean() == 0.0
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('fpr', [0.01, 0.001, 0.2])
+def test_threshold_at_fpr_is_the_lowest_threshold_within_the_rate(seed, fpr):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=5000).round(2)  # with ties
+    tau = threshold_at_fpr(scores, fpr)
+    assert np.mean(scores > tau) <= fpr
+    lower = scores[scores < tau]
+    if lower.size:  # the next lower score value flags too many
+        assert np.mean(scores > lower.max()) > fpr
+    # sklearn's ROC: at the thresholds of roc_curve, FPR = share of inliers >= threshold
+    labels = np.r_[np.zeros(scores.size, int), 1]
+    fpr_curve, _, thresholds = roc_curve(labels, np.r_[scores, 1e9], drop_intermediate=False)
+    above_tau = thresholds > tau
+    assert fpr_curve[above_tau].max() <= fpr
+
+
+def test_threshold_at_fpr_rejects_bad_input():
+    with pytest.raises(ConfigError, match=r'\(0, 1\)'):
+        threshold_at_fpr(np.arange(10.0), 0.0)
+    with pytest.raises(ConfigError, match=r'\(0, 1\)'):
+        threshold_at_fpr(np.arange(10.0), 1.5)
+    with pytest.raises(DataError, match='empty'):
+        threshold_at_fpr(np.array([]), 0.01)
+    with pytest.raises(DataError, match='1 of 3 inlier scores are NaN'):
+        threshold_at_fpr(np.array([0.0, np.nan, 1.0]), 0.01)
+    with pytest.raises(DataError, match='no inlier'):
+        PooledOOD().threshold_at_fpr(0.01)
+
+
+@pytest.mark.parametrize('name', ['dh_unbounded', 'unit_interval', 'heavy_ties'])
+@pytest.mark.parametrize('fpr', [0.01, 0.001])
+def test_pooled_threshold_at_fpr_is_within_one_bin_of_exact(name, fpr):
+    rng = np.random.default_rng(7)
+    scores, labels = _distribution(name, rng, 100_000)
+    pooled = PooledOOD()
+    for image_scores, image_labels in zip(np.split(scores, 4), np.split(labels, 4), strict=True):
+        pooled.update(image_scores, image_labels)
+    inlier = scores[labels == 0]
+    exact = threshold_at_fpr(inlier, fpr)
+    tau = pooled.threshold_at_fpr(fpr)
+    assert np.mean(inlier > tau) <= fpr  # the promised rate holds on the added pixels
+    assert exact <= tau <= exact + 2.0**-11 * abs(exact) + 1e-30  # bits=20: 2**-11 relative
+    if name == 'heavy_ties':  # the bins hold single values: the upper edge is the next float
+        assert np.mean(inlier > tau) == np.mean(inlier > exact)
+
+
+def test_pooled_threshold_at_fpr_uses_inliers_of_images_without_anomalies():
+    pooled = PooledOOD()
+    pooled.update(np.arange(100, dtype=np.float32), np.zeros(100, int))
+    tau = pooled.threshold_at_fpr(0.01)
+    assert 98.0 <= tau <= 98.0 * (1 + 2.0**-11)
+    pooled.update(np.array([1.0, 2.0, 3.0]), np.array([1, 1, 255]))
+    assert pooled.pixel_counts == (100, 2)
+    top = PooledOOD()
+    top.update(np.array([np.finfo(np.float32).max] * 3, dtype=np.float32), np.zeros(3, int))
+    assert np.isfinite(top.threshold_at_fpr(0.01))

@@ -1,0 +1,282 @@
+"""Named anomaly thresholds of an artifact, calibrated at the artifact's input size.
+
+- `tpr95`: the threshold at 95% TPR of the anomaly pixels, either of validation images with
+  pasted ADE20k negatives (the training recipe's validation, methods.md §2.3) or of a labelled
+  split (a StreetHazards-layout folder whose test split marks anomalies, raw id 14).
+- `fpr1`, `fpr0.1`: at most 1% and 0.1% of the inlier validation pixels above the threshold.
+- Without data (an untrained model, speed measurements): `synthetic_q95`, `synthetic_q99`,
+  `synthetic_q99.9`, score quantiles of synthetic road images. They say nothing about anomalies
+  and are named so that nobody mistakes them for calibrated thresholds.
+
+The runtime flags `score > threshold`. Images are resized to the artifact's size first (area
+or bilinear, as the node's pipeline does; labels nearest), because the graph only runs there.
+Every score is computed from one forward pass of the segmenter per image.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from anomaly_seg_node.errors import ConfigError, DataError
+from anomaly_seg_node.metrics import PooledOOD
+from training.data.labels import IGNORE_ID
+
+TPR = 0.95
+FPR_THRESHOLDS = {'fpr1': 0.01, 'fpr0.1': 0.001}
+SYNTHETIC_QUANTILES = {'synthetic_q95': 0.05, 'synthetic_q99': 0.01, 'synthetic_q99.9': 0.001}
+SYNTHETIC_DEFAULT = 'synthetic_q99'
+SEGMENTATION = 'segmentation'
+# 2**18 bins: thresholds within 0.2% (relative) of the exact ones, 4 MiB per accumulator.
+POOL_BITS = 18
+# Labels of the pooled accumulators.
+_INLIER, _ANOMALY, _IGNORED = 0, 1, 2
+
+
+@dataclass
+class Calibration:
+    """Thresholds per score ({score: {name: value}}), the default name and what was used."""
+
+    thresholds: dict[str, dict[str, float]]
+    default_threshold: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+    # A few calibration images at the artifact size, uint8 [M, H, W, 3], for the parity check.
+    parity_images: np.ndarray | None = None
+
+
+class ScoreMaps:
+    """segmenter + scores: uint8 RGB `[H, W, 3]` -> {score: float32 [H, W]}, one forward pass."""
+
+    def __init__(self, segmenter: nn.Module, scores: Sequence[str],
+                 temperatures: Mapping[str, float | None]) -> None:
+        from training import scores as score_module
+
+        self.segmenter = segmenter.eval()
+        self.scores = [s for s in scores if s != SEGMENTATION]
+        self.temperatures = dict(temperatures)
+        self._anomaly_score = score_module.anomaly_score
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
+        with torch.inference_mode():
+            out = self.segmenter(x)
+            logits = out['logits']  # [1, K, H, W]
+            outlier = out.get('outlier_logits')
+            return {s: self._anomaly_score(s, logits, outlier,
+                                           self.temperatures.get(s))[0].numpy()
+                    for s in self.scores}
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 [h, w, 3] -> [H, W, 3]: area when shrinking, bilinear otherwise (the node's)."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return np.ascontiguousarray(image)
+    shrink = height * width < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Label map [h, w] -> [H, W] with nearest neighbour (no new label values)."""
+    height, width = size
+    if labels.shape == (height, width):
+        return labels
+    return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def calibrate_synthetic(score_maps: ScoreMaps, size: tuple[int, int], count: int = 4,
+                        seed: int = 1) -> Calibration:
+    """Score quantiles of `count` synthetic road images: the fallback without data."""
+    from training.export import road_like_images
+
+    images = road_like_images(count, *size, seed=seed)
+    pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
+    for image in images:
+        for name, score in score_maps(image).items():
+            pools[name].update(score, np.zeros(score.shape, np.uint8))
+    thresholds = {s: {name: pool.threshold_at_fpr(rate)
+                      for name, rate in SYNTHETIC_QUANTILES.items()}
+                  for s, pool in pools.items()}
+    info = {
+        'source': 'synthetic road images (no calibration data)',
+        'warning': 'not calibrated on data: synthetic_qXX = the XX-th percentile of the score '
+                   'over synthetic road images, not a false-alarm or detection rate on real '
+                   'images; re-export with data for tpr95, fpr1 and fpr0.1',
+        'images': int(count),
+        'pixels': int(count * size[0] * size[1]),
+        'definitions': {name: f'at most {rate:g} of the synthetic pixels score above it'
+                        for name, rate in SYNTHETIC_QUANTILES.items()},
+    }
+    return Calibration(thresholds, SYNTHETIC_DEFAULT if thresholds else None, info)
+
+
+def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
+                      val_root: str | Path | None, mapping: str,
+                      ade_root: str | Path | None = None, ade_crop: int = 384,
+                      labelled_root: str | Path | None = None, max_images: int = 50,
+                      parity_images: int = 2, seed: int = 0,
+                      progress: bool = True) -> Calibration:
+    """tpr95 (pasted ADE20k negatives on val, or the labelled split), fpr1/fpr0.1 (val inliers).
+
+    `labelled_root`: a StreetHazards-layout folder; its test split's anomalies give tpr95 and
+    its validation split (else the test split's inlier pixels) gives fpr1/fpr0.1. Without it,
+    `val_root`'s validation split gives both, with negatives from `ade_root` pasted for tpr95.
+    """
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ConfigError(f'the number of calibration images must be a positive integer, '
+                          f'got {max_images!r}')
+    tpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
+    fpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
+    info: dict[str, Any] = {'size': list(size), 'max_images': max_images}
+    kept: list[np.ndarray] = []
+
+    if labelled_root is not None:
+        test = _dataset(labelled_root, 'test', mapping, '--calibration-data')
+        info['tpr95'] = f'anomaly pixels (raw id 14) of the test split of {labelled_root}'
+        fpr_split = _optional_dataset(labelled_root, 'val', mapping)
+        for image, ood in _items(test, size, 'ood', max_images, progress, 'tpr95'):
+            maps = score_maps(image)
+            for s, score in maps.items():
+                tpr_pools[s].update(score, ood)
+                if fpr_split is None:
+                    fpr_pools[s].update(score, ood)  # the inliers (0) of the labelled split
+            _keep(kept, image, parity_images)
+        if fpr_split is None:
+            info['fpr'] = (f'inlier pixels of the test split of {labelled_root} (it has no '
+                           'validation split)')
+        else:
+            info['fpr'] = f'inlier pixels of the validation split of {labelled_root}'
+            _add_inliers(score_maps, fpr_split, size, max_images, progress, fpr_pools)
+        info['images'] = {'tpr95': min(len(test), max_images),
+                          'fpr': min(len(fpr_split or test), max_images)}
+    else:
+        if val_root is None:
+            raise ConfigError('calibration needs data: pass --calibration-data DIR or a config '
+                              'whose data.root holds StreetHazards')
+        val = _dataset(val_root, 'val', mapping, 'data.root of the config')
+        negatives = _ade_negatives(ade_root, ade_crop, size, seed)
+        info['tpr95'] = (f'{len(negatives)} ADE20k-layout negatives of {ade_root} '
+                         f'({negatives.crop}x{negatives.crop} crops, official mask rule) pasted '
+                         f'into the validation split of {val_root}')
+        info['fpr'] = f'inlier pixels of the validation split of {val_root}'
+        rng = torch.Generator().manual_seed(seed)
+        for index, (image, labels) in enumerate(
+                _items(val, size, 'label', max_images, progress, 'calibration')):
+            inlier = np.where(labels != IGNORE_ID, _INLIER, _IGNORED).astype(np.uint8)
+            for s, score in score_maps(image).items():
+                fpr_pools[s].update(score, inlier)
+            pasted_image, ood = _paste(image, labels, negatives, index, rng)
+            for s, score in score_maps(pasted_image).items():
+                tpr_pools[s].update(score, ood)
+            _keep(kept, image, parity_images)
+        info['images'] = {'tpr95': min(len(val), max_images), 'fpr': min(len(val), max_images)}
+
+    thresholds: dict[str, dict[str, float]] = {}
+    for s in score_maps.scores:
+        thresholds[s] = {'tpr95': tpr_pools[s].threshold_at_tpr(TPR)}
+        for name, rate in FPR_THRESHOLDS.items():
+            thresholds[s][name] = fpr_pools[s].threshold_at_fpr(rate)
+    info['pixels'] = {'anomaly': _count(tpr_pools, 1), 'inlier_fpr': _count(fpr_pools, 0)}
+    info['definitions'] = {
+        'tpr95': 'the lowest pooled bin edge at which >= 95% of the anomaly pixels score at or '
+                 'above it',
+        'fpr1': 'at most 1% of the inlier pixels score above it',
+        'fpr0.1': 'at most 0.1% of the inlier pixels score above it',
+    }
+    info['source'] = 'labelled split' if labelled_root is not None else 'pasted negatives'
+    parity = np.stack(kept) if kept else None
+    return Calibration(thresholds, 'tpr95' if thresholds else None, info, parity)
+
+
+def _count(pools: Mapping[str, PooledOOD], column: int) -> int:
+    for pool in pools.values():  # every pool saw the same pixels
+        return pool.pixel_counts[column]
+    return 0
+
+
+def _keep(kept: list[np.ndarray], image: np.ndarray, limit: int) -> None:
+    if len(kept) < limit:
+        kept.append(image)
+
+
+def _dataset(root: str | Path, split: str, mapping: str, what: str) -> Any:
+    from training.data.streethazards import StreetHazards
+
+    try:
+        return StreetHazards(root, split, mapping=mapping)
+    except DataError as error:
+        raise DataError(f'calibration data ({what}): {error}. Or pass --calibration-data DIR '
+                        '(a StreetHazards-layout folder), or --synthetic-thresholds to '
+                        'skip calibration') from None
+
+
+def _optional_dataset(root: str | Path, split: str, mapping: str) -> Any:
+    from training.data.streethazards import SPLITS, StreetHazards
+
+    top, sub, _ = SPLITS[split]
+    if not (Path(root) / top / 'images' / sub).is_dir():
+        return None
+    return StreetHazards(root, split, mapping=mapping)
+
+
+def _items(dataset: Any, size: tuple[int, int], key: str, max_images: int, progress: bool,
+           desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image uint8 [H, W, 3], dataset[key] uint8 [H, W]) at the artifact size."""
+    from tqdm import tqdm
+
+    count = min(len(dataset), max_images)
+    for index in tqdm(range(count), desc=desc, disable=not progress, leave=False):
+        item = dataset[index]
+        image = resize_image(item['image'].numpy().transpose(1, 2, 0), size)
+        target = item[key].numpy()
+        if key == 'label':  # train ids 0..K-1 and IGNORE_ID fit uint8
+            target = target.astype(np.uint8)
+        yield image, resize_labels(target, size)
+
+
+def _add_inliers(score_maps: ScoreMaps, dataset: Any, size: tuple[int, int], max_images: int,
+                 progress: bool, pools: Mapping[str, PooledOOD]) -> None:
+    for image, labels in _items(dataset, size, 'label', max_images, progress, 'fpr'):
+        inlier = np.where(labels != IGNORE_ID, _INLIER, _IGNORED).astype(np.uint8)
+        for s, score in score_maps(image).items():
+            pools[s].update(score, inlier)
+
+
+def _ade_negatives(root: str | Path | None, crop: int, size: tuple[int, int],
+                   seed: int) -> Any:
+    from training.data.ade20k import MIN_RECT_SIDE, ADE20kNegatives
+
+    if root is None or not Path(root).is_dir():
+        raise DataError(
+            f'tpr95 needs negatives to paste into the validation images, but the ADE20k root '
+            f'{root} (negatives.ade_root of the config) does not exist; pass --calibration-data '
+            'DIR (a StreetHazards-layout folder with a labelled test split), set '
+            'negatives.ade_root, or make synthetic ones with anomaly-seg synth negatives')
+    # The official recipe pastes 384-pixel crops into 768-pixel crops: at most half the side.
+    side = min(int(crop), (min(size) // 2) // 8 * 8)
+    if side <= MIN_RECT_SIDE:
+        raise ConfigError(f'the artifact size {size[0]}x{size[1]} is too small to paste '
+                          f'negatives (a crop of at most half the shorter side, {side} pixels, '
+                          f'must exceed {MIN_RECT_SIDE}); use a larger --size')
+    return ADE20kNegatives(root, crop=side, seed=seed)
+
+
+def _paste(image: np.ndarray, labels: np.ndarray, negatives: Any, index: int,
+           rng: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One ADE20k negative pasted into `image`; returns (image, ood labels 0/1/2)."""
+    from training.negatives import paste_ade_negatives
+
+    neg_image, neg_mask = negatives[index % len(negatives)]
+    pasted = paste_ade_negatives(
+        torch.from_numpy(image.transpose(2, 0, 1))[None].float(),
+        torch.from_numpy(labels.astype(np.int64))[None], neg_image[None], neg_mask[None], rng)
+    mixed = pasted.image[0].round().clamp(0, 255).to(torch.uint8).numpy().transpose(1, 2, 0)
+    ood = np.where(pasted.ood_mask[0].numpy(), _ANOMALY,
+                   np.where(pasted.labels[0].numpy() != IGNORE_ID, _INLIER, _IGNORED))
+    return np.ascontiguousarray(mixed), ood.astype(np.uint8)

@@ -1,0 +1,238 @@
+"""`anomaly-seg export`: a checkpoint (or an untrained network) -> NAME.onnx, NAME.pt2, NAME.json.
+
+The score, normalisation and argmax are inside the graph (training/export.py); the sidecar gets
+named thresholds calibrated at the artifact's size (training/calibration.py): `tpr95` on
+validation images with pasted negatives or on a labelled split (`--calibration-data`), `fpr1`
+and `fpr0.1` on inlier validation pixels. Without data the thresholds are score quantiles of
+synthetic road images, named `synthetic_q*` and flagged in the sidecar. `--all-scores` also
+writes the sibling artifacts NAME-segmentation, NAME-OP, NAME-OPxMS, NAME-DH and NAME-JSD that
+`anomaly-seg bench` times side by side. Nothing heavy is imported until `run`.
+"""
+
+import argparse
+from pathlib import Path
+import re
+from typing import Any
+
+from anomaly_seg_node.errors import ConfigError
+
+DEFAULT_SIZE = (720, 1280)  # StreetHazards' validation images
+BENCH_SCORES = ('segmentation', 'OP', 'OPxMS', 'DH', 'JSD')
+# Scores whose temperature is the config's eval.temperature (methods.md §5).
+TEMPERATURE_SCORES = ('OP', 'OPxMS', 'JSD')
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'720x1280' -> (720, 1280)."""
+    match = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text)
+    if not match or min(int(match[1]), int(match[2])) < 32:
+        raise argparse.ArgumentTypeError(
+            f'size must be HxW with both sides >= 32 pixels, e.g. 720x1280, got {text!r}')
+    return int(match[1]), int(match[2])
+
+
+def sibling_stem(out: str | Path, score: str) -> Path:
+    """models/NAME -> models/NAME-SCORE: the sibling artifact of one score."""
+    out = Path(out)
+    return out.with_name(f'{out.name}-{score}')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--checkpoint', metavar='CKPT',
+                        help='training checkpoint (.pt written by anomaly-seg train)')
+    source.add_argument('--random-init', action='store_true',
+                        help='export an untrained network of the --config architecture (to '
+                             'measure speed before any training)')
+    parser.add_argument('--config', metavar='CFG',
+                        help='training config YAML (required with --random-init; with '
+                             '--checkpoint the stored config is used)')
+    parser.add_argument('--out', required=True, metavar='models/NAME',
+                        help='artifact stem: writes NAME.onnx, NAME.pt2 and NAME.json')
+    parser.add_argument('--score', default=None,
+                        help='anomaly score inside the graph: DH, OP, OPxMS, JSD, MSP, '
+                             "max_logit, energy or 'segmentation' (default DH with an outlier "
+                             "head, else the config's first eval score)")
+    parser.add_argument('--size', type=parse_size, default=DEFAULT_SIZE, metavar='HxW',
+                        help='static input size of the graph (default 720x1280, the '
+                             'StreetHazards validation size)')
+    parser.add_argument('--batch', type=int, default=1, metavar='K',
+                        help='static batch of the graph (default 1)')
+    parser.add_argument('--calibration-data', metavar='DIR',
+                        help='StreetHazards-layout folder whose test split labels anomalies '
+                             '(raw id 14): tpr95 on it, fpr1/fpr0.1 on its validation split '
+                             '(else its test inliers). Default: the config data.root '
+                             'validation split with pasted ADE20k negatives')
+    parser.add_argument('--calibration-images', type=int, default=50, metavar='N',
+                        help='at most N images per calibration split (default 50)')
+    parser.add_argument('--synthetic-thresholds', action='store_true',
+                        help='calibrate nothing: use score quantiles of synthetic road images '
+                             '(implied by --random-init without --calibration-data)')
+    parser.add_argument('--all-scores', action='store_true',
+                        help='also write NAME-segmentation, NAME-OP, NAME-OPxMS, NAME-DH and '
+                             'NAME-JSD (those the network supports) for anomaly-seg bench')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the untrained weights and of the pasted negatives')
+    parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from training import scores as score_module
+    from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
+    from training.data.labels import class_names, palette
+    from training.export import DeployModel, export_artifact
+
+    if isinstance(args.batch, bool) or args.batch < 1:
+        raise ConfigError(f'--batch must be a positive integer, got {args.batch}')
+    cfg, segmenter, origin = _load_network(args)
+    has_head = bool(getattr(segmenter, 'has_outlier_head', False))
+    main_score = args.score or ('DH' if has_head else (cfg.eval.scores or ('MSP',))[0])
+    _check_score(score_module, main_score, has_head)
+
+    exports = [main_score]
+    skipped = []
+    if args.all_scores:
+        for score in BENCH_SCORES:
+            if score == main_score:
+                continue
+            if score != 'segmentation' and score_module.score_info(score).needs_outlier_head \
+                    and not has_head:
+                skipped.append(f'{score} (needs the outlier head, which this network lacks)')
+                continue
+            exports.append(score)
+    temperatures = {s: (cfg.eval.temperature if s in TEMPERATURE_SCORES else None)
+                    for s in exports}
+
+    size = tuple(args.size)
+    notes = []
+    score_maps = ScoreMaps(segmenter, exports, temperatures)
+    torch.manual_seed(args.seed)
+    if args.calibration_data is None and (args.random_init or args.synthetic_thresholds):
+        calibration = calibrate_synthetic(score_maps, size, seed=args.seed + 1)
+        why = ('--random-init: an untrained network' if args.random_init
+               else '--synthetic-thresholds')
+        notes.append(f'no calibration data ({why}): the thresholds are score quantiles of '
+                     'synthetic road images (synthetic_q95, synthetic_q99, synthetic_q99.9), '
+                     'not tpr95/fpr1/fpr0.1; re-export a trained checkpoint with data for those')
+    else:
+        calibration = calibrate_on_data(
+            score_maps, size, val_root=cfg.data.root, mapping=cfg.data.mapping,
+            ade_root=cfg.negatives.ade_root, ade_crop=cfg.negatives.ade_crop,
+            labelled_root=args.calibration_data, max_images=args.calibration_images,
+            seed=args.seed, progress=not args.no_progress)
+
+    mapping = cfg.data.mapping
+    training_block = {'config': cfg.to_dict(), **origin, 'calibration': calibration.info}
+    metadata = {
+        'method': cfg.method,
+        'classes': class_names(mapping),
+        'palette': [list(rgb) for rgb in palette(mapping)],
+        'training': training_block,
+    }
+    out = Path(args.out)
+    if out.suffix == '.json':
+        out = out.with_suffix('')
+    written: dict[str, str] = {}
+    parity: dict[str, Any] = {}
+    thresholds: dict[str, Any] = {}
+    for score in exports:
+        stem = out if score == main_score else sibling_stem(out, score)
+        model = DeployModel(segmenter, score, temperatures.get(score))
+        score_thresholds = calibration.thresholds.get(score, {})
+        sidecar = export_artifact(
+            model, stem, size=size, batch=args.batch,
+            calibration_images=calibration.parity_images, thresholds=score_thresholds,
+            metadata={**metadata, 'default_threshold': (calibration.default_threshold
+                                                         if score_thresholds else None)},
+            seed=args.seed)
+        written[score] = str(stem.with_suffix('.json'))
+        thresholds[score] = dict(sidecar.thresholds)
+        parity[score] = {runtime: {k: sidecar.parity[runtime][k]
+                                   for k in ('label_agreement', 'mask_agreement',
+                                             'score_diff_over_std')}
+                         for runtime in ('onnxruntime', 'torch_export')}
+    report: dict[str, Any] = {
+        'artifact': written[main_score],
+        'score': main_score,
+        'size': f'{size[0]}x{size[1]}',
+        'batch': args.batch,
+        'source': origin['source'],
+        'calibration': calibration.info.get('source'),
+        'default_threshold': calibration.default_threshold,
+        'thresholds': thresholds,
+        'parity': parity,
+        'artifacts': written,
+    }
+    if skipped:
+        report['skipped'] = skipped
+    if notes:
+        report['notes'] = notes
+    return report
+
+
+def format_human(report: dict[str, Any]) -> str:
+    lines = [f"exported {report['artifact']} (score {report['score']}, {report['size']}, "
+             f"batch {report['batch']}) from {report['source']}"]
+    for score, path in report['artifacts'].items():
+        agree = report['parity'][score]
+        figures = ', '.join(
+            f"{runtime}: labels {fig['label_agreement']:.4%}, masks {fig['mask_agreement']:.4%}, "
+            f"score diff {fig['score_diff_over_std']:.2g} std"
+            for runtime, fig in agree.items())
+        lines.append(f'  {score:<12} {path}  [{figures}]')
+        if report['thresholds'][score]:
+            values = ', '.join(f'{k}={v:.6g}' for k, v in report['thresholds'][score].items())
+            lines.append(f'  {"":<12} thresholds: {values}')
+    lines.append(f"calibration: {report['calibration']}; default threshold "
+                 f"{report['default_threshold']}")
+    for item in report.get('skipped', []):
+        lines.append(f'skipped: {item}')
+    for note in report.get('notes', []):
+        lines.append(f'NOTE: {note}')
+    return '\n'.join(lines)
+
+
+def _check_score(score_module: Any, score: str, has_head: bool) -> None:
+    if score == 'segmentation':
+        return
+    info = score_module.score_info(score)  # ConfigError naming the known scores
+    if info.needs_outlier_head and not has_head:
+        raise ConfigError(
+            f'score {score} needs the outlier head, but this network has none (model.'
+            'outlier_head is false); choose --score JSD, MSP, max_logit or energy')
+
+
+def _load_network(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """(config, segmenter in eval mode, where it came from) of --checkpoint or --random-init."""
+    if args.random_init:
+        if not args.config:
+            raise ConfigError('--random-init needs --config training/configs/NAME.yaml to know '
+                              'the architecture (classes, outlier head)')
+        import torch
+
+        from training.config import load_config
+        from training.networks.swiftnet import SwiftNet
+
+        cfg = load_config(args.config)
+        torch.manual_seed(args.seed)
+        segmenter = SwiftNet(cfg.model.num_classes, outlier_head=cfg.model.outlier_head,
+                             pretrained=False).eval()
+        return cfg, segmenter, {'source': f'random init (untrained, seed {args.seed}) of '
+                                          f'{args.config}',
+                                'untrained': True}
+    from training.checkpoint import build_segmenter, checkpoint_config, load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = checkpoint_config(ckpt)
+    if args.config:
+        raise ConfigError('--config is only used with --random-init; a checkpoint exports '
+                          'with the config stored in it (drop --config)')
+    segmenter = build_segmenter(ckpt)
+    origin = {'source': f'checkpoint {args.checkpoint} (step {ckpt.get("step")})',
+              'checkpoint': str(args.checkpoint), 'step': ckpt.get('step'),
+              'epoch': ckpt.get('epoch'),
+              'checkpoint_code_version': ckpt.get('code_version', 'unknown'),
+              'untrained': False}
+    return cfg, segmenter, origin
