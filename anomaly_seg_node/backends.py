@@ -164,7 +164,8 @@ class OnnxRuntimeSegmenter(Segmenter):
 
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # ONNX Runtime feeds from host memory, so the host is the right place to convert.
-        image = frames.transpose(0, 3, 1, 2).astype(np.float32)
+        # One pass into a contiguous NCHW buffer; a strided view would make ORT copy it again.
+        image = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
         labels, score = self.session.run(['labels', 'anomaly_score'], {'image': image})
         return labels, score
 

@@ -116,7 +116,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('output_resolution', 'input', 'input: outputs at the camera size, crop undone; '
               'network: at the artifact size, with a scaled network/camera_info.',
               choices=RESOLUTIONS),
-    ParamSpec('anomaly_threshold', 'tpr95', 'Anomaly mask threshold: a number (score units of '
+    ParamSpec('anomaly_threshold', '', 'Anomaly mask threshold: a number (score units of '
               'the artifact) or a threshold name of the sidecar (e.g. tpr95, fpr1, fpr0.1); '
               'empty: the sidecar default.', kind=RUNTIME, dynamic_typing=True),
     ParamSpec('overlay_alpha', 0.5, 'Weight of the colour mask in the overlay.', kind=RUNTIME,
@@ -143,7 +143,7 @@ class NodeConfig:
     input_timeout: float = 2.0
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     output_resolution: str = 'input'
-    anomaly_threshold: str | float = 'tpr95'
+    anomaly_threshold: str | float = ''
     overlay_alpha: float = 0.5
     autostart: bool = True
 
