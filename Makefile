@@ -27,7 +27,7 @@ $(ROS_VENV)/.installed: requirements-runtime.txt constraints-ros.txt
 	test -x $(ROS_PY) || $(PYTHON) -m venv $(ROS_VENV)
 	$(ROS_PY) -m pip install $(PIP_FLAGS) --upgrade 'pip>=24'
 	$(ROS_PY) -m pip install $(PIP_FLAGS) -c constraints-ros.txt -r requirements-runtime.txt \
-		'pytest>=8' 'hypothesis>=6.100' 'scikit-learn>=1.4'
+		'pytest>=8' 'hypothesis>=6.100' 'scikit-learn>=1.4' 'onnx>=1.17'
 	touch $@
 
 lint: install

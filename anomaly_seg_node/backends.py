@@ -27,6 +27,8 @@ BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
 DEVICES = ('cpu', 'cuda')
 PRECISIONS = ('fp32', 'fp16')
 ENGINE_CACHE_ENV = 'ANOMALY_SEG_ENGINE_CACHE'
+# torch.export.load warns for files not ending in .pt2.
+ENGINE_SUFFIX = '.pt2'
 ENGINE_ENVIRONMENT_FIELDS = ('gpu', 'compute_capability', 'torch', 'torch_tensorrt', 'tensorrt')
 
 
@@ -367,7 +369,8 @@ def engine_path(sidecar: Sidecar, precision: str,
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     gpu = re.sub(r'[^A-Za-z0-9]+', '-', key['gpu']).strip('-').lower()
     stem = Path(sidecar.files['pt2'].name).stem
-    return default_engine_cache_dir(cache_dir) / f'{stem}.{gpu}.{precision}.{digest}.ep'
+    name = f'{stem}.{gpu}.{precision}.{digest}{ENGINE_SUFFIX}'
+    return default_engine_cache_dir(cache_dir) / name
 
 
 def default_engine_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

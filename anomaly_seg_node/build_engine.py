@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import datetime
 import importlib.util
 import json
-import math
 import os
 from pathlib import Path
 import sys
@@ -47,6 +46,7 @@ from anomaly_seg_node.backends import (
     engine_path,
 )
 from anomaly_seg_node.errors import BackendError, ConfigError, DataError
+from anomaly_seg_node.metrics import AgreementShapeError, agreement_figures
 
 PRECISIONS = ('fp16', 'fp32')
 DEFAULT_PRECISION = 'fp16'
@@ -82,38 +82,20 @@ def verification_figures(reference: tuple[np.ndarray, np.ndarray],
                          threshold: float) -> dict[str, float]:
     """Agreement of the engine's (labels, score) `[N, H, W]` with the FP32 graph's.
 
-    label and anomaly-mask (score > threshold) agreement are pixel fractions; the score error
-    is in units of the reference score's standard deviation (max and mean over pixels);
-    `nonfinite_fraction` counts NaN/inf scores of the engine.
+    The figures of `metrics.agreement_figures`; `nonfinite_fraction` counts NaN/inf scores of
+    the engine.
     """
     ref_labels, ref_score = (np.asarray(a) for a in reference)
     labels, score = (np.asarray(a) for a in candidate)
-    if labels.shape != ref_labels.shape or score.shape != ref_score.shape \
-            or labels.shape != score.shape:
+    if labels.size == 0 and labels.shape == ref_labels.shape == score.shape == ref_score.shape:
+        raise BackendError('no pixels to compare: give at least one calibration image')
+    try:
+        return agreement_figures((ref_labels, ref_score), (labels, score), threshold)
+    except AgreementShapeError:
         raise BackendError(
             f'the engine returned labels {list(labels.shape)} and scores {list(score.shape)}, '
             f'the FP32 graph {list(ref_labels.shape)} and {list(ref_score.shape)}; the engine '
-            'does not match the artifact: rebuild it with --force')
-    if labels.size == 0:
-        raise BackendError('no pixels to compare: give at least one calibration image')
-    ref64 = ref_score.astype(np.float64)
-    score64 = score.astype(np.float64)
-    finite = np.isfinite(score64)
-    diff = np.where(finite, np.abs(score64 - ref64), np.inf)
-    std = float(np.std(ref64))
-    max_diff = float(np.max(diff))
-    mean_diff = float(np.mean(diff))
-    return {
-        'pixels': float(labels.size),
-        'label_agreement': float(np.mean(labels == ref_labels)),
-        'mask_agreement': float(np.mean((score64 > threshold) == (ref64 > threshold))),
-        'max_score_diff': max_diff,
-        'mean_score_diff': mean_diff,
-        'score_std': std,
-        'score_diff_over_std': _ratio(max_diff, std),
-        'mean_score_diff_over_std': _ratio(mean_diff, std),
-        'nonfinite_fraction': float(1.0 - np.mean(finite)),
-    }
+            'does not match the artifact: rebuild it with --force') from None
 
 
 def verification_failures(figures: Mapping[str, float], precision: str) -> list[str]:
@@ -133,12 +115,6 @@ def verification_threshold(sidecar: Sidecar, reference_score: np.ndarray) -> tup
     if sidecar.default_threshold is not None:
         return resolve_threshold(sidecar), sidecar.default_threshold
     return float(np.median(reference_score)), 'median of the FP32 scores (no default threshold)'
-
-
-def _ratio(value: float, std: float) -> float:
-    if std > 0:
-        return value / std
-    return 0.0 if value == 0 else math.inf
 
 
 # Engine records ----------------------------------------------------------------------------
@@ -165,7 +141,7 @@ class EngineRecord:
 
 
 def record_path(engine: Path) -> Path:
-    """The record of `engine` (NAME.gpu.precision.digest.ep -> NAME.gpu.precision.digest.json)."""
+    """The record of `engine` (NAME.gpu.precision.digest.pt2 -> NAME.gpu.precision.digest.json)."""
     return engine.with_suffix('.json')
 
 
@@ -382,7 +358,7 @@ class CalibrationSource:
         """uint8 RGB `[M, height, width, 3]` and a description of where they came from."""
         files = self.files()
         if self.folder is None:
-            from training.export import road_like_images
+            from anomaly_seg_node.check_images import road_like_images
 
             return (road_like_images(self.synthetic, height, width, seed=0),
                     f'{self.synthetic} synthetic road-like images')
@@ -565,7 +541,7 @@ def run_module(module: Any, images: np.ndarray, batch: int,
     """(int32 labels, float32 scores) of a deploy graph on uint8 `[M, H, W, 3]` images."""
     import torch
 
-    from training.export import run_batched
+    from anomaly_seg_node.check_images import run_batched
 
     def run(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():

@@ -17,21 +17,14 @@ from typing import Any
 DEFAULT_ARTIFACT = Path(__file__).resolve().parents[1] / 'models' / 'demo.json'
 
 
-def _size(text: str) -> tuple[int, int]:
-    from training.synth.dataset import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.synth.command import size_arg
+
     parser.add_argument('--out', type=Path, default=Path('out/demo'),
                         help='output folder (default out/demo); replaced on each run')
     parser.add_argument('--frames', type=int, default=150,
                         help='frames of the synthetic drive (default 150)')
-    parser.add_argument('--size', type=_size, default=(360, 640),
+    parser.add_argument('--size', type=size_arg, default=(360, 640),
                         help='HxW of the drive and data set (default 360x640)')
     parser.add_argument('--artifact', type=Path, default=DEFAULT_ARTIFACT,
                         help=f'artifact sidecar to replay (default {DEFAULT_ARTIFACT})')

@@ -12,12 +12,15 @@ Anomaly scores: higher = more anomalous. Anomaly labels: 1 = anomaly (the positi
 - `threshold_at_tpr`: the open-set threshold tau at a target TPR; `threshold_at_fpr`: the
   threshold at a target false-alarm rate on inlier pixels (both also on `PooledOOD`).
 - `ConfusionMatrix` (closed mIoU) and `OpenSetConfusion` (open-mIoU, methods.md §2.5).
+- `agreement_figures`: how closely a compiled graph's (labels, score) follow a reference's
+  (export parity, engine verification).
 
 Every result dict holds only floats, ints, strings and lists, so it serialises to JSON.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -323,6 +326,25 @@ class PooledOOD:
                               'PooledOOD')
         return tps, fps, occupied
 
+    def curve_points(self, max_points: int | None = None) -> dict[str, np.ndarray]:
+        """Points of the pooled ROC and PR curves, one per occupied bin, highest score first.
+
+        'tpr' (= recall), 'fpr' and 'precision' (float64 `[P]`) of flagging every bin at or
+        above the point's. `max_points` keeps that many evenly spaced points (for plots); the
+        first and last point are always kept.
+        """
+        if max_points is not None and (not isinstance(max_points, int) or max_points < 2):
+            raise ConfigError(f'max_points must be an int >= 2 (or None for all points), got '
+                              f'{max_points!r}')
+        tps, fps, _ = self._curve()
+        if max_points is not None and tps.size > max_points:
+            pick = np.unique(np.linspace(0, tps.size - 1, max_points).round().astype(np.intp))
+            tps, fps = tps[pick], fps[pick]
+        n_anomaly, n_inlier = float(self._counts[:, 1].sum()), float(self._counts[:, 0].sum())
+        tp, fp = tps.astype(np.float64), fps.astype(np.float64)
+        return {'tpr': tp / n_anomaly, 'fpr': fp / n_inlier,
+                'precision': tp / np.maximum(tp + fp, 1.0)}
+
     def compute(self) -> dict[str, Any]:
         strict = _rule_is_strict(self.fpr_rule)
         tps, fps, _ = self._curve()
@@ -496,3 +518,52 @@ class OpenSetConfusion:
         return {'open_miou': float(np.nanmean(iou[:-1])), 'iou': closed['iou'][:-1],
                 'anomaly_iou': closed['iou'][-1], 'tau': self.tau,
                 'n_pixels': closed['n_pixels']}
+
+
+class AgreementShapeError(ValueError):
+    """The outputs compared by `agreement_figures` differ in shape or hold no pixels."""
+
+
+def agreement_figures(reference: tuple[Any, Any], candidate: tuple[Any, Any],
+                      threshold: float) -> dict[str, float]:
+    """Agreement of a candidate's (labels, score) `[N, H, W]` with the reference's.
+
+    Label and anomaly-mask (score > threshold) agreement are pixel fractions; the score error is
+    absolute and in units of the reference score's standard deviation (max and mean over
+    pixels; 0 for a constant reference matched exactly, inf when it is missed); a NaN/inf score
+    of the candidate counts as an infinite error and in `nonfinite_fraction`.
+    Raises `AgreementShapeError` when the shapes differ or there is no pixel.
+    """
+    ref_labels, ref_score = (np.asarray(a) for a in reference)
+    labels, score = (np.asarray(a) for a in candidate)
+    if labels.shape != ref_labels.shape or score.shape != ref_score.shape \
+            or labels.shape != score.shape:
+        raise AgreementShapeError(
+            f'labels {list(labels.shape)} and scores {list(score.shape)} against reference '
+            f'labels {list(ref_labels.shape)} and scores {list(ref_score.shape)}')
+    if labels.size == 0:
+        raise AgreementShapeError('no pixels to compare')
+    ref64 = ref_score.astype(np.float64)
+    score64 = score.astype(np.float64)
+    finite = np.isfinite(score64)
+    diff = np.where(finite, np.abs(score64 - ref64), np.inf)
+    std = float(np.std(ref64))
+    max_diff = float(np.max(diff))
+    mean_diff = float(np.mean(diff))
+    return {
+        'pixels': float(labels.size),
+        'label_agreement': float(np.mean(labels == ref_labels)),
+        'mask_agreement': float(np.mean((score64 > threshold) == (ref64 > threshold))),
+        'max_score_diff': max_diff,
+        'mean_score_diff': mean_diff,
+        'score_std': std,
+        'score_diff_over_std': _over_std(max_diff, std),
+        'mean_score_diff_over_std': _over_std(mean_diff, std),
+        'nonfinite_fraction': float(1.0 - np.mean(finite)),
+    }
+
+
+def _over_std(value: float, std: float) -> float:
+    if std > 0:
+        return value / std
+    return 0.0 if value == 0 else math.inf

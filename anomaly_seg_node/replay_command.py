@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from anomaly_seg_node.artifact import read_sidecar, resolve_threshold
     from anomaly_seg_node.errors import BagError
     from anomaly_seg_node.pipeline import FramePipeline
-    from anomaly_seg_node.replay import BagSink, Replay, VideoSink
+    from anomaly_seg_node.replay import Replay
+    from anomaly_seg_node.replay_outputs import BagSink, VideoSink
 
     sidecar = read_sidecar(args.artifact)
     threshold, threshold_source = _threshold(sidecar, args.threshold, resolve_threshold)
@@ -144,18 +145,11 @@ def _threshold(sidecar: Any, value: str | None, resolve: Any) -> tuple[float, st
 
 
 def _label_spec(kind: str, classes: Any) -> Any:
-    from anomaly_seg_node.errors import ConfigError
+    from anomaly_seg_node.labels import IGNORE_ID, RAW_ANOMALY_ID, RAW_CLASS_NAMES
     from anomaly_seg_node.replay import LabelSpec
 
     if kind == 'train-ids':
         return LabelSpec.train_ids(len(classes))
-    try:
-        from training.data.labels import IGNORE_ID, RAW_ANOMALY_ID, RAW_CLASS_NAMES
-    except ImportError:
-        raise ConfigError(
-            "--labels streethazards needs the StreetHazards label table of the 'training' "
-            'package, which is not installed here; install the full package or pass '
-            "--labels train-ids for labels in the artifact's own ids") from None
     return LabelSpec.from_names(RAW_CLASS_NAMES, [RAW_ANOMALY_ID], classes,
                                 name='StreetHazards raw ids', ignore=IGNORE_ID)
 

@@ -72,5 +72,5 @@ def test_python_packages_installed(install_tree: Path) -> None:
     site = list((install_tree / 'lib').glob('python3*/site-packages'))
     assert len(site) == 1, site
     for module in ('anomaly_seg_node/cli.py', 'anomaly_seg_node/node.py',
-                   'training/data/labels.py'):
+                   'anomaly_seg_node/labels.py', 'training/data/transforms.py'):
         assert (site[0] / module).is_file(), f'{module} missing from the install tree'

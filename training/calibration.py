@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from anomaly_seg_node.errors import ConfigError, DataError
+from anomaly_seg_node.labels import IGNORE_ID
 from anomaly_seg_node.metrics import PooledOOD
-from training.data.labels import IGNORE_ID
 
 TPR = 0.95
 FPR_THRESHOLDS = {'fpr1': 0.01, 'fpr0.1': 0.001}
@@ -93,7 +93,7 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def calibrate_synthetic(score_maps: ScoreMaps, size: tuple[int, int], count: int = 4,
                         seed: int = 1) -> Calibration:
     """Score quantiles of `count` synthetic road images: the fallback without data."""
-    from training.export import road_like_images
+    from anomaly_seg_node.check_images import road_like_images
 
     images = road_like_images(count, *size, seed=seed)
     pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}

@@ -268,7 +268,7 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
                               for t, m in per_town.items()},
             'temperature': (score_temperature(s, facts['temperature'])
                             if facts['source'] == 'checkpoint' else facts['temperature'])}
-    from training.data.labels import class_names
+    from anomaly_seg_node.labels import class_names
     metrics = {
         'model': facts, 'data': str(data), 'towns': {t: n for t, (_, n) in sets.items()},
         'images': n_total, 'scores': result_scores,
@@ -330,11 +330,8 @@ def plot_curves(pooled: dict[str, PooledOOD], out: Path) -> list[Path]:
     from matplotlib import pyplot as plt
     figures = {'pr': plt.subplots(figsize=(5, 4)), 'roc': plt.subplots(figsize=(5, 4))}
     for name, acc in pooled.items():
-        tps, fps, _ = acc._curve()
-        tps, fps = tps.astype(np.float64), fps.astype(np.float64)
-        pick = np.unique(np.linspace(0, tps.size - 1, min(tps.size, PLOT_POINTS)).astype(int))
-        tpr, fpr = tps[pick] / tps[-1], fps[pick] / fps[-1]
-        precision = tps[pick] / np.maximum(tps[pick] + fps[pick], 1)
+        points = acc.curve_points(PLOT_POINTS)
+        tpr, fpr, precision = points['tpr'], points['fpr'], points['precision']
         m = acc.compute()
         figures['pr'][1].plot(tpr, precision, label=f'{name} (AP {100 * m["ap"]:.1f})')
         figures['roc'][1].plot(np.r_[0, fpr], np.r_[0, tpr],

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomaly_seg_node import labels as label_ids
 from anomaly_seg_node.artifact import (
     FileRef,
     InputSpec,
@@ -31,10 +32,14 @@ from anomaly_seg_node.artifact import (
     sidecar_from_dict,
     write_sidecar,
 )
+from anomaly_seg_node.check_images import road_like_images, run_batched
 from anomaly_seg_node.errors import ArtifactError, ConfigError
-from training.data import labels as label_ids
+from anomaly_seg_node.metrics import AgreementShapeError, agreement_figures
 
 SEGMENTATION = 'segmentation'
+# The figures of `agreement_figures` recorded in the sidecar's parity block.
+PARITY_FIGURES = ('label_agreement', 'mask_agreement', 'max_score_diff', 'score_std',
+                  'score_diff_over_std')
 # Parity requirements of issue 5 §1.
 MIN_LABEL_AGREEMENT = 0.999
 MIN_MASK_AGREEMENT = 0.995
@@ -219,25 +224,16 @@ def parity_figures(reference: tuple[np.ndarray, np.ndarray],
     """Agreement of (labels, score) with the eager reference, as plain floats."""
     ref_labels, ref_score = reference
     labels, score = candidate
-    if labels.shape != ref_labels.shape or score.shape != ref_score.shape:
+    try:
+        figures = agreement_figures(reference, candidate, threshold)
+    except AgreementShapeError:
         raise ArtifactError(f'exported graph returned shapes {labels.shape}, {score.shape}; '
-                            f'eager torch returned {ref_labels.shape}, {ref_score.shape}')
+                            f'eager torch returned {ref_labels.shape}, {ref_score.shape}'
+                            ) from None
     if labels.dtype != np.int32 or score.dtype != np.float32:
         raise ArtifactError(f'exported graph returned {labels.dtype} labels and {score.dtype} '
                             'scores; the contract is int32 labels and float32 scores')
-    diff = float(np.max(np.abs(score.astype(np.float64) - ref_score)))
-    std = float(np.std(ref_score.astype(np.float64)))
-    if std > 0:
-        ratio = diff / std
-    else:
-        ratio = 0.0 if diff == 0 else float('inf')
-    return {
-        'label_agreement': float(np.mean(labels == ref_labels)),
-        'mask_agreement': float(np.mean((score > threshold) == (ref_score > threshold))),
-        'max_score_diff': diff,
-        'score_std': std,
-        'score_diff_over_std': ratio,
-    }
+    return {key: figures[key] for key in PARITY_FIGURES}
 
 
 def parity_failures(figures: Mapping[str, float]) -> list[str]:
@@ -254,66 +250,6 @@ def parity_failures(figures: Mapping[str, float]) -> list[str]:
                         f'{figures["score_diff_over_std"]:.3g} x the score std '
                         f'{figures["score_std"]:.3g}, need <= {MAX_DIFF_OVER_STD:g}')
     return problems
-
-
-def run_batched(runner: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run uint8 `[M, H, W, 3]` images through `runner` (float32 NCHW batches of `batch`)."""
-    labels, scores = [], []
-    for start in range(0, images.shape[0], batch):
-        chunk = images[start:start + batch]
-        count = chunk.shape[0]
-        if count < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        image = np.ascontiguousarray(chunk.transpose(0, 3, 1, 2), dtype=np.float32)
-        chunk_labels, chunk_scores = runner(image)
-        labels.append(chunk_labels[:count])
-        scores.append(chunk_scores[:count])
-    return np.concatenate(labels), np.concatenate(scores)
-
-
-def road_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Synthetic road scenes, uint8 RGB `[count, H, W, 3]`: sky, buildings, road, lanes, cars.
-
-    Varied enough that a trained segmenter predicts several classes; deterministic per seed.
-    """
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height)[:, None]  # [H, 1]
-    cols = np.linspace(0.0, 1.0, width)[None, :]  # [1, W]
-    images = np.empty((count, height, width, 3), dtype=np.float64)
-    for index in range(count):
-        horizon = rng.uniform(0.35, 0.55)
-        vanish = rng.uniform(0.35, 0.65)
-        image = images[index]
-        # Sky: a vertical gradient from blue to pale.
-        image[...] = (np.array([90, 140, 210]) + rows[..., None] * np.array([120, 90, 40]))
-        # Buildings: random boxes rising from the horizon.
-        for _ in range(rng.integers(3, 7)):
-            left, right = np.sort(rng.uniform(0, 1, 2))
-            top = rng.uniform(0.05, horizon)
-            box = (cols >= left) & (cols < right) & (rows >= top) & (rows < horizon)
-            image[box] = rng.uniform(40, 160, 3)
-        # Ground below the horizon: sidewalk, then the road as a trapezoid to the vanishing point.
-        below = rows >= horizon
-        depth = np.clip((rows - horizon) / (1 - horizon), 0, 1)
-        half = 0.05 + 0.6 * depth
-        image[below & np.ones_like(cols, dtype=bool)] = (200, 170, 190)
-        road = below & (np.abs(cols - vanish) < half)
-        image[road] = (110, 110, 115)
-        lane = road & (np.abs(cols - vanish) < 0.01 + 0.02 * depth) & \
-            ((depth * 12) % 1 < 0.5)
-        image[lane] = (240, 240, 230)
-        # Vegetation strip and a few cars on the road.
-        green = below & (np.abs(cols - vanish) > half + 0.1) & (rows < horizon + 0.1)
-        image[green] = (60, 120, 40)
-        for _ in range(rng.integers(1, 4)):
-            y = rng.uniform(horizon + 0.05, 0.9)
-            d = (y - horizon) / (1 - horizon)
-            x = vanish + rng.uniform(-0.8, 0.8) * (0.05 + 0.6 * d)
-            w, h = 0.12 * d + 0.02, 0.08 * d + 0.015
-            car = (np.abs(cols - x) < w / 2) & (np.abs(rows - y) < h / 2)
-            image[car] = rng.uniform(0, 255, 3)
-        image += rng.normal(0, 6, image.shape)
-    return np.clip(images, 0, 255).astype(np.uint8)
 
 
 def code_version() -> str:

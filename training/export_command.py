@@ -79,9 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from anomaly_seg_node.labels import class_names, palette
     from training import scores as score_module
     from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
-    from training.data.labels import class_names, palette
     from training.export import DeployModel, export_artifact
 
     if isinstance(args.batch, bool) or args.batch < 1:

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from anomaly_seg_node.labels import IGNORE_ID
 from training.config import LossConfig
-from training.data.labels import IGNORE_ID
 
 # Terms of the segmenter loss per method; the weights come from LossConfig.
 SEGMENTER_TERMS: dict[str, tuple[str, ...]] = {

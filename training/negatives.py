@@ -11,8 +11,8 @@ from typing import NamedTuple
 import torch
 
 from anomaly_seg_node.errors import DataError
+from anomaly_seg_node.labels import IGNORE_ID
 from training.config import NegativesConfig
-from training.data.labels import IGNORE_ID
 
 
 class Pasted(NamedTuple):

@@ -37,7 +37,13 @@ from training.losses import (
     segmenter_loss,
     segmenter_terms,
 )
-from training.negatives import crop_at, draw_patch_layout, paste_ade_negatives, paste_patches
+from training.negatives import (
+    Pasted,
+    crop_at,
+    draw_patch_layout,
+    paste_ade_negatives,
+    paste_patches,
+)
 
 Scalers = Mapping[str, Any]
 
@@ -215,11 +221,7 @@ class _Context:
                   rng: torch.Generator) -> dict[str, float]:
         """NF-Hybrid-JS: S learns on a detached patch; F learns from JSD on a second one."""
         n = image.shape[0]
-        layout = draw_patch_layout(self.cfg.negatives, n, image.shape[2:], rng)
-        p1 = self._sample(n, layout.h, layout.w, differentiable=False)
-        pasted = paste_patches(image, labels, p1, layout)
-        terms, loss = self._forward(pasted.image, pasted.labels, pasted.ood_mask)
-        self._segmenter_backward(loss)
+        terms, loss, _ = self._segmenter_on_detached_patch(image, labels, rng)
         layout = draw_patch_layout(self.cfg.negatives, n, image.shape[2:], rng)
         p2 = self._sample(n, layout.h, layout.w, differentiable=True)
         p2_prime = p2.detach().requires_grad_(True)
@@ -238,15 +240,21 @@ class _Context:
     def detached_patch(self, image: torch.Tensor, labels: torch.Tensor,
                        rng: torch.Generator) -> dict[str, float]:
         """NF-OODHead: S on a detached patch, F by MLE only."""
-        n = image.shape[0]
-        layout = draw_patch_layout(self.cfg.negatives, n, image.shape[2:], rng)
-        p = self._sample(n, layout.h, layout.w, differentiable=False)
-        pasted = paste_patches(image, labels, p, layout)
-        terms, loss = self._forward(pasted.image, pasted.labels, pasted.ood_mask)
-        self._segmenter_backward(loss)
+        terms, loss, pasted = self._segmenter_on_detached_patch(image, labels, rng)
         mle = self._mle(pasted.inlier_crop)
         self._flow_backward(None, None, mle)
         return _floats(terms, loss=loss, mle=mle)
+
+    def _segmenter_on_detached_patch(self, image: torch.Tensor, labels: torch.Tensor,
+                                     rng: torch.Generator
+                                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Pasted]:
+        """S's step on a flow patch sampled without gradient: its terms, loss and the paste."""
+        layout = draw_patch_layout(self.cfg.negatives, image.shape[0], image.shape[2:], rng)
+        p = self._sample(image.shape[0], layout.h, layout.w, differentiable=False)
+        pasted = paste_patches(image, labels, p, layout)
+        terms, loss = self._forward(pasted.image, pasted.labels, pasted.ood_mask)
+        self._segmenter_backward(loss)
+        return terms, loss, pasted
 
 
 def _floats(terms: Mapping[str, torch.Tensor], **extra: torch.Tensor) -> dict[str, float]:

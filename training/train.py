@@ -54,11 +54,11 @@ from tqdm import tqdm
 import yaml
 
 from anomaly_seg_node.errors import ArtifactError, ConfigError, DataError
+from anomaly_seg_node.labels import IGNORE_ID
 from anomaly_seg_node.metrics import ConfusionMatrix, PooledOOD
 from training import checkpoint as ckpt_io
 from training.config import Config, load_config
 from training.data.ade20k import ADE20kNegatives
-from training.data.labels import IGNORE_ID
 from training.data.streethazards import StreetHazards
 from training.data.transforms import JointTransform
 from training.evaluate import score_temperature, usable_scores

@@ -27,6 +27,7 @@ from anomaly_seg_node.artifact import (
 from anomaly_seg_node.backends import (
     ENGINE_CACHE_ENV,
     ENGINE_ENVIRONMENT_FIELDS,
+    ENGINE_SUFFIX,
     engine_cache_key,
     engine_path,
 )
@@ -94,7 +95,7 @@ def test_engine_path_changes_with_every_key_component(tmp_path: Path) -> None:
     base = engine_path(sidecar, 'fp16', tmp_path, ENV)
     assert base == engine_path(sidecar, 'fp16', tmp_path, dict(ENV))
     assert base.parent == tmp_path
-    assert base.name.startswith('m.nvidia-h200.fp16.') and base.suffix == '.ep'
+    assert base.name.startswith('m.nvidia-h200.fp16.') and base.suffix == '.pt2' == ENGINE_SUFFIX
     seen = {base}
     for field in ENGINE_ENVIRONMENT_FIELDS:
         path = engine_path(sidecar, 'fp16', tmp_path, {**ENV, field: ENV[field] + 'x'})
@@ -200,7 +201,7 @@ def test_cached_engine_is_reused_only_when_everything_matches(
     (lambda d: {**d, 'schema_version': 2}, 'schema_version must be 1'),
     (lambda d: {**d, 'key': {k: v for k, v in d['key'].items() if k != 'tensorrt'}},
      'key must be an object of strings'),
-    (lambda d: {**d, 'engine': '../elsewhere.ep'}, 'engine must be the plain file name'),
+    (lambda d: {**d, 'engine': '../elsewhere.pt2'}, 'engine must be the plain file name'),
     (lambda d: {**d, 'engine_sha256': 'abc'}, 'engine_sha256 must be 64 lower-case hex'),
     (lambda d: {**d, 'built': 5}, 'built must be a string'),
     (lambda d: {**d, 'verification': {**d['verification'], 'passed': 'yes'}},
@@ -522,7 +523,7 @@ def test_node_builds_at_configure_only_when_allowed(
                log: Any) -> Path:
         order.append(('ensure', sidecar.source, precision, cache_dir, allow_build))
         log('info', 'engine ready')
-        return tmp_path / 'engine.ep'
+        return tmp_path / 'engine.pt2'
 
     def loader(sidecar: Sidecar, backend: str, device: str, precision: str,
                cache_dir: str | None) -> _Segmenter:

@@ -15,10 +15,12 @@ from sklearn.metrics import (
 
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.metrics import (
+    AgreementShapeError,
     ConfusionMatrix,
     OpenSetConfusion,
     PerImageOOD,
     PooledOOD,
+    agreement_figures,
     ood_metrics,
     open_set_prediction,
     threshold_at_fpr,
@@ -410,3 +412,81 @@ def test_pooled_threshold_at_fpr_uses_inliers_of_images_without_anomalies():
     top = PooledOOD()
     top.update(np.array([np.finfo(np.float32).max] * 3, dtype=np.float32), np.zeros(3, int))
     assert np.isfinite(top.threshold_at_fpr(0.01))
+
+
+# ---- agreement_figures (export parity, engine verification) ----------------------------------
+
+def _agreement_outputs():
+    labels = np.arange(20, dtype=np.int32).reshape(1, 4, 5) % 3
+    score = np.arange(20, dtype=np.float32).reshape(1, 4, 5)
+    return labels, score
+
+
+def test_agreement_figures_known_answer():
+    labels, score = _agreement_outputs()
+    labels2, score2 = labels.copy(), score.copy()
+    labels2[0, 0, :2] += 1  # 2 of 20 pixels change class
+    score2[0, 1, 4] += 1.0  # pixel 9: 9 -> 10 crosses the threshold 9.5
+    score2[0, 2, 0] -= 0.5  # pixel 10: 10 -> 9.5 is not above 9.5 either
+    figures = agreement_figures((labels, score), (labels2, score2), threshold=9.5)
+    std = np.sqrt((20**2 - 1) / 12)  # std of 0..19
+    assert figures['pixels'] == 20
+    assert figures['label_agreement'] == pytest.approx(18 / 20)
+    assert figures['mask_agreement'] == pytest.approx(18 / 20)
+    assert figures['max_score_diff'] == pytest.approx(1.0)
+    assert figures['mean_score_diff'] == pytest.approx(1.5 / 20)
+    assert figures['score_std'] == pytest.approx(std)
+    assert figures['score_diff_over_std'] == pytest.approx(1.0 / std)
+    assert figures['mean_score_diff_over_std'] == pytest.approx(1.5 / 20 / std)
+    assert figures['nonfinite_fraction'] == 0.0
+    assert all(type(value) is float for value in figures.values())
+
+
+def test_agreement_figures_identical_and_constant():
+    labels, score = _agreement_outputs()
+    same = agreement_figures((labels, score), (labels, score), threshold=0.0)
+    assert same['label_agreement'] == 1.0 and same['mask_agreement'] == 1.0
+    assert same['max_score_diff'] == 0.0 and same['score_diff_over_std'] == 0.0
+    zero = np.zeros_like(score)
+    assert agreement_figures((labels, zero), (labels, zero), 0.0)['score_diff_over_std'] == 0.0
+    off = agreement_figures((labels, zero), (labels, zero + 0.25), 0.0)
+    assert off['score_diff_over_std'] == np.inf and off['mean_score_diff_over_std'] == np.inf
+    assert off['mask_agreement'] == 0.0 and off['max_score_diff'] == 0.25
+
+
+def test_agreement_figures_nonfinite_candidate_scores():
+    labels, score = _agreement_outputs()
+    broken = score.copy()
+    broken[0, 3, 3] = np.nan
+    broken[0, 0, 0] = np.inf
+    figures = agreement_figures((labels, score), (labels, broken), threshold=9.5)
+    assert figures['nonfinite_fraction'] == pytest.approx(2 / 20)
+    assert figures['max_score_diff'] == np.inf and figures['score_diff_over_std'] == np.inf
+    assert figures['mean_score_diff'] == np.inf
+
+
+def test_agreement_figures_refuse_mismatched_or_empty_outputs():
+    labels, score = _agreement_outputs()
+    with pytest.raises(AgreementShapeError, match=r'labels \[1, 4, 4\].*reference labels'):
+        agreement_figures((labels, score), (labels[..., :4], score[..., :4]), 0.0)
+    with pytest.raises(ValueError, match='scores'):
+        agreement_figures((labels, score), (labels, score[..., :4]), 0.0)
+    empty = np.zeros((0, 4, 5), np.float32)
+    with pytest.raises(AgreementShapeError, match='no pixels'):
+        agreement_figures((empty, empty), (empty, empty), 0.0)
+
+
+def test_pooled_curve_points_known_answer():
+    acc = PooledOOD()
+    acc.update(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    points = acc.curve_points()
+    # highest score first: 0.8 (anomaly), 0.4 (inlier), 0.35 (anomaly), 0.1 (inlier)
+    np.testing.assert_allclose(points['tpr'], [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(points['fpr'], [0.0, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(points['precision'], [1.0, 0.5, 2 / 3, 0.5])
+    ends = acc.curve_points(max_points=2)
+    np.testing.assert_allclose(ends['tpr'], [0.5, 1.0])
+    np.testing.assert_allclose(ends['fpr'], [0.0, 1.0])
+    assert acc.curve_points(max_points=10)['tpr'].size == 4
+    with pytest.raises(ConfigError, match='max_points'):
+        acc.curve_points(max_points=1)

@@ -17,8 +17,17 @@ import pytest
 
 from anomaly_seg_node import backends, cli, replay_command
 from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
+from anomaly_seg_node.bag_reader import Topic, choose_topics, open_bag
 from anomaly_seg_node.errors import BagError
 from anomaly_seg_node.image_codec import decode_image
+from anomaly_seg_node.labels import (
+    IGNORE_ID,
+    RAW_ANOMALY_ID,
+    RAW_CLASS_NAMES,
+    class_names,
+    palette,
+    raw_to_train_lut,
+)
 from anomaly_seg_node.metrics import (
     ConfusionMatrix,
     OpenSetConfusion,
@@ -32,16 +41,6 @@ from anomaly_seg_node.replay import (
     LiveSchedule,
     Replay,
     StampMatcher,
-    choose_topics,
-    open_bag,
-)
-from training.data.labels import (
-    IGNORE_ID,
-    RAW_ANOMALY_ID,
-    RAW_CLASS_NAMES,
-    class_names,
-    palette,
-    raw_to_train_lut,
 )
 from training.synth.bag import write_bag
 
@@ -285,8 +284,6 @@ def test_missing_topics_are_listed(bags, tmp_path):
     _write_custom_bag(tmp_path / 'labels_only', [], [(5, 5, _label(0))])
     with pytest.raises(BagError, match='image topic /cam/image_raw .* holds no message'):
         Replay(tmp_path / 'labels_only', make_pipeline()).run()
-    from anomaly_seg_node.replay import Topic
-
     with pytest.raises(BagError, match=r'no camera topic .* it has: /cam/labels \(sensor_msgs/'
                                        r'msg/Image\), /cam/camera_info \(sensor_msgs/msg/Camera'):
         choose_topics([Topic(1, '/cam/labels', 'sensor_msgs/msg/Image', 1),
@@ -296,8 +293,6 @@ def test_missing_topics_are_listed(bags, tmp_path):
 
 
 def test_topic_choice_prefers_raw_camera_and_skips_node_outputs():
-    from anomaly_seg_node.replay import Topic
-
     topics = [Topic(1, '/anomaly_seg/overlay', 'sensor_msgs/msg/Image', 3),
               Topic(2, '/cam/image_raw/compressed', 'sensor_msgs/msg/CompressedImage', 3),
               Topic(3, '/cam/image_raw', 'sensor_msgs/msg/Image', 3),

@@ -11,7 +11,7 @@ from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
 from anomaly_seg_node.errors import BagError, DataError
-from training.data.labels import RAW_ANOMALY_ID
+from anomaly_seg_node.labels import RAW_ANOMALY_ID
 from training.synth import command, render_preview, write_bag, write_dataset, write_negatives
 from training.synth.bag import FRAME_ID, START_NS, TOPICS
 from training.synth.dataset import parse_size

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.data.labels import RAW_ANOMALY_ID, RAW_PALETTE
+from anomaly_seg_node.labels import RAW_ANOMALY_ID, RAW_PALETTE
 from training.synth import write_dataset
 
 sklearn = pytest.importorskip('sklearn')

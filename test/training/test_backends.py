@@ -13,8 +13,9 @@ import torch
 
 from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import read_sidecar
+from anomaly_seg_node.check_images import road_like_images
 from anomaly_seg_node.errors import ArtifactError, BackendError
-from training.export import DeployModel, export_artifact, road_like_images
+from training.export import DeployModel, export_artifact
 
 SIZE = (64, 96)
 BATCH = 2
@@ -152,6 +153,7 @@ def test_engine_path_is_in_the_cache_dir(artifact: Path, tmp_path: Path) -> None
         pytest.skip('the engine key names the torch_tensorrt version')
     path = backends.engine_path(read_sidecar(artifact), 'fp16', tmp_path)
     assert path.parent == tmp_path and path.name.startswith('tiny.') and 'fp16' in path.name
+    assert path.suffix == '.pt2'
 
 
 @pytest.mark.gpu

@@ -23,8 +23,9 @@ from anomaly_seg_node.build_engine import (
     verification_failures,
     verification_figures,
 )
+from anomaly_seg_node.check_images import road_like_images
 from anomaly_seg_node.errors import BackendError
-from training.export import DeployModel, export_artifact, road_like_images
+from training.export import DeployModel, export_artifact
 from training.networks.swiftnet import SwiftNet
 
 SIZE = (64, 96)

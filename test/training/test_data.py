@@ -9,13 +9,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_seg_node.errors import ConfigError, DataError
+from anomaly_seg_node.labels import IGNORE_ID
 from training.data.ade20k import (
     ADE20kNegatives,
     rectangle_sides,
     resize_shorter_side,
     sample_negative_mask,
 )
-from training.data.labels import IGNORE_ID
 from training.data.streethazards import SPLITS, StreetHazards
 from training.data.transforms import (
     STREETHAZARDS_MEAN_RGB,

@@ -12,10 +12,11 @@ from torch import nn
 import torch.nn.functional as F
 
 from anomaly_seg_node.artifact import read_sidecar
+from anomaly_seg_node.check_images import road_like_images
 from anomaly_seg_node.errors import ArtifactError, ConfigError
+from anomaly_seg_node.labels import class_names
 from training import export
-from training.data.labels import class_names
-from training.export import DeployModel, export_artifact, road_like_images
+from training.export import DeployModel, export_artifact
 
 
 class TinySegmenter(nn.Module):

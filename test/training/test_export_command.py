@@ -11,12 +11,13 @@ import torch
 
 from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import read_sidecar
+from anomaly_seg_node.check_images import road_like_images
 from anomaly_seg_node.errors import ArtifactError, ConfigError, DataError
 from anomaly_seg_node.metrics import threshold_at_fpr, threshold_at_tpr
 from training import calibration, export_command
 from training.checkpoint import FORMAT, VERSION, save_checkpoint
 from training.config import load_config
-from training.export import DeployModel, road_like_images
+from training.export import DeployModel
 from training.networks.swiftnet import SwiftNet
 
 CONFIGS = Path(__file__).resolve().parents[2] / 'training' / 'configs'

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anomaly_seg_node.labels import IGNORE_ID
 from training.config import LossConfig
-from training.data.labels import IGNORE_ID
 from training.losses import (
     cls_loss,
     energy_loss,

@@ -13,11 +13,11 @@ import torch
 
 from anomaly_seg_node import backends, cli
 from anomaly_seg_node.artifact import read_sidecar, resolve_threshold
+from anomaly_seg_node.bag_reader import open_bag
 from anomaly_seg_node.image_codec import decode_image
+from anomaly_seg_node.labels import IGNORE_ID, RAW_ANOMALY_ID, raw_to_train_lut
 from anomaly_seg_node.metrics import ood_metrics
 from anomaly_seg_node.pipeline import FramePipeline
-from anomaly_seg_node.replay import open_bag
-from training.data.labels import IGNORE_ID, RAW_ANOMALY_ID, raw_to_train_lut
 from training.export import DeployModel, export_artifact
 from training.networks.swiftnet import SwiftNet
 from training.synth.bag import write_bag

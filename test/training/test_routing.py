@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from anomaly_seg_node.errors import ConfigError, DataError
+from anomaly_seg_node.labels import IGNORE_ID
 from training.config import Config, NegativesConfig
-from training.data.labels import IGNORE_ID
 from training.losses import (
     cls_loss,
     energy_loss,

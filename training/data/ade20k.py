@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
-from training.data.streethazards import read_label_png, read_rgb
+from training.data.streethazards import read_pair
 from training.data.transforms import check_pair
 
 RECT_PROB = 0.5
@@ -87,13 +87,7 @@ class ADE20kNegatives(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
-        image = read_rgb(image_path)
-        label = read_label_png(label_path)
-        if label.shape != image.shape[:2]:
-            raise DataError(
-                f'label {label_path} is {label.shape[1]}x{label.shape[0]} but image '
-                f'{image_path} is {image.shape[1]}x{image.shape[0]} (WxH); an annotation must '
-                'match its image')
+        image, label = read_pair(image_path, label_path)
         check_pair(image, label)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image, label = resize_shorter_side(image, label, self.crop)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
-from training.data.labels import (
+from anomaly_seg_node.labels import (
     IGNORE_ID,
     MAPPINGS,
     RAW_ANOMALY_ID,
@@ -52,29 +52,38 @@ _OOD_LUT[IGNORE_ID] = OOD_IGNORE  # padding of the joint transform
 
 def read_rgb(path: Path) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB; DataError if it cannot be read or decoded."""
-    data = _read_bytes(path)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(
-            f'cannot decode image {path}: the file is corrupt, truncated or not an image; '
-            're-export or remove it')
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR, 'image'), cv2.COLOR_BGR2RGB)
 
 
 def read_label_png(path: Path) -> np.ndarray:
     """Decode a single-channel 8-bit label PNG to an HxW uint8 array, or raise DataError."""
-    data = _read_bytes(path)
-    label = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DataError(
-            f'cannot decode label PNG {path}: the file is corrupt, truncated or not an image; '
-            're-export or remove it')
+    label = _decode(path, cv2.IMREAD_UNCHANGED, 'label PNG')
     if label.ndim != 2 or label.dtype != np.uint8:
         channels = 1 if label.ndim == 2 else label.shape[2]
         raise DataError(
             f'label {path} must be a single-channel 8-bit PNG of class ids, found {channels} '
             f'channel(s) of {label.dtype}; save the id map as 8-bit grayscale')
     return label
+
+
+def read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image and its label PNG of the same size (`read_rgb`, `read_label_png`)."""
+    image = read_rgb(image_path)
+    label = read_label_png(label_path)
+    if label.shape != image.shape[:2]:
+        raise DataError(
+            f'label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} '
+            f'is {image.shape[1]}x{image.shape[0]} (WxH); an annotation must match its image')
+    return image, label
+
+
+def _decode(path: Path, flags: int, what: str) -> np.ndarray:
+    decoded = cv2.imdecode(_read_bytes(path), flags)
+    if decoded is None:
+        raise DataError(
+            f'cannot decode {what} {path}: the file is corrupt, truncated or not an image; '
+            're-export or remove it')
+    return decoded
 
 
 def check_raw_ids(label: np.ndarray, path: Path) -> None:
@@ -138,12 +147,7 @@ class StreetHazards(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         image_path, label_path = self.samples[index]
-        image = read_rgb(image_path)
-        raw = read_label_png(label_path)
-        if raw.shape != image.shape[:2]:
-            raise DataError(
-                f'label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is '
-                f'{image.shape[1]}x{image.shape[0]} (WxH); an annotation must match its image')
+        image, raw = read_pair(image_path, label_path)
         check_raw_ids(raw, label_path)
         if self.transform is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])

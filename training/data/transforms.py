@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from anomaly_seg_node.errors import ConfigError, DataError
-from training.data.labels import IGNORE_ID
+from anomaly_seg_node.labels import IGNORE_ID
 
 # DenseHybrid fills StreetHazards jitter padding with this mean RGB (0-255).
 STREETHAZARDS_MEAN_RGB = (84, 88, 95)

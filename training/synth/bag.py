@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from anomaly_seg_node.errors import BagError, DataError
-from training.data.labels import RAW_ANOMALY_ID
+from anomaly_seg_node.labels import RAW_ANOMALY_ID
 from training.synth.dataset import GENERATOR_VERSION, check_seed, check_size, staged_output
 from training.synth.scene import Camera, render, sample_camera, sample_world
 

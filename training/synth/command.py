@@ -6,7 +6,8 @@ from typing import Any
 from anomaly_seg_node.errors import ConfigError
 
 
-def _size(text: str) -> tuple[int, int]:
+def size_arg(text: str) -> tuple[int, int]:
+    """argparse type of an HxW size flag: '360x640' -> (360, 640)."""
     from training.synth.dataset import parse_size
 
     try:
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--train', type=int, default=60, help='training images (default 60)')
     p.add_argument('--val', type=int, default=20, help='validation images (default 20)')
     p.add_argument('--test', type=int, default=20, help='test images (default 20)')
-    p.add_argument('--size', type=_size, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--size', type=size_arg, default=(360, 640), help='HxW (default 360x640)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
 
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    'textures, families the test anomalies never use.')
     p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
     p.add_argument('--n', type=int, default=50, help='number of images (default 50)')
-    p.add_argument('--size', type=_size, default=(384, 512), help='HxW (default 384x512)')
+    p.add_argument('--size', type=size_arg, default=(384, 512), help='HxW (default 384x512)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
 
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    'image, camera_info and label topics.')
     p.add_argument('--out', required=True, help='bag folder to create')
     p.add_argument('--frames', type=int, default=50, help='number of frames (default 50)')
-    p.add_argument('--size', type=_size, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--size', type=size_arg, default=(360, 640), help='HxW (default 360x640)')
     p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap',
                    help='rosbag2 storage plugin (default mcap)')
     p.add_argument('--encoding', choices=('rgb8', 'bgr8', 'mono8'), default='rgb8',

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from anomaly_seg_node.errors import DataError
-from training.data.labels import RAW_ANOMALY_ID
+from anomaly_seg_node.labels import RAW_ANOMALY_ID
 from training.synth.scene import ANOMALY_AREA_RANGE, ANOMALY_FAMILIES, render_scene
 
 GENERATOR_VERSION = '1.0'

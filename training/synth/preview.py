@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 from anomaly_seg_node.errors import DataError
-from training.data.labels import RAW_ANOMALY_ID, RAW_PALETTE
+from anomaly_seg_node.labels import RAW_ANOMALY_ID, RAW_PALETTE
 
 TILE_WIDTH = 320
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from training.data.labels import RAW_ANOMALY_ID
+from anomaly_seg_node.labels import RAW_ANOMALY_ID
 
-# raw StreetHazards ids used by the painter (training/data/labels.py holds the names).
+# raw StreetHazards ids used by the painter (anomaly_seg_node/labels.py holds the names).
 UNLABELED, BUILDING, FENCE, OTHER, PEDESTRIAN, POLE = 1, 2, 3, 4, 5, 6
 ROAD_LINE, ROAD, SIDEWALK, VEGETATION, CAR, WALL, SIGN = 7, 8, 9, 10, 11, 12, 13
 ANOMALY = RAW_ANOMALY_ID

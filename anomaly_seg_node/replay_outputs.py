@@ -1,0 +1,220 @@
+"""What the replay writes besides its report: the overlay video and an output bag.
+
+ROS-free and torch-free sinks of :class:`anomaly_seg_node.replay.Replay`; neither ever stops
+the replay (a write failure is recorded and stops that output only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+import shutil
+from typing import TYPE_CHECKING, Any, Protocol
+
+import cv2
+import numpy as np
+
+from anomaly_seg_node.bag_reader import BagSource, Topic
+from anomaly_seg_node.errors import BagError
+from anomaly_seg_node.image_codec import encode_image, to_message
+from anomaly_seg_node.pipeline import FrameResult
+
+if TYPE_CHECKING:
+    from anomaly_seg_node.replay import Frame
+
+
+class ReplaySink(Protocol):
+    def on_input(self, topic: Topic, bag_ns: int, raw: bytes, source: BagSource) -> None: ...
+
+    def on_result(self, frame: Frame, result: FrameResult) -> None: ...
+
+
+class VideoSink:
+    """The overlay of every processed frame as an mp4 (OpenCV, fourcc 'mp4v').
+
+    Frames go to a hidden partial file that ``close()`` moves into place. The frame rate is the
+    bag-time rate of the processed frames (so a live replay with drops plays in real time too),
+    measured between the first two of them, unless ``fps`` is given. A writer failure is
+    recorded in ``info()`` and stops the video; it never stops the replay.
+    """
+
+    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(f'.{self.path.stem}.partial{self.path.suffix}')
+        self.fps = fps
+        self.frames = 0
+        self.error: str | None = None
+        self._writer: Any = None
+        self._held: tuple[int, np.ndarray] | None = None  # the first frame, until fps is known
+
+    def on_input(self, topic: Topic, bag_ns: int, raw: bytes, source: BagSource) -> None:
+        pass
+
+    def on_result(self, frame: Frame, result: FrameResult) -> None:
+        if self.error is not None or result.overlay is None:
+            return
+        bgr = cv2.cvtColor(result.overlay, cv2.COLOR_RGB2BGR)
+        if self._writer is None:
+            if self._held is None and self.fps is None:
+                self._held = (frame.bag_ns, bgr)
+                return
+            if self.fps is None:
+                gap = (frame.bag_ns - self._held[0]) / 1e9
+                self.fps = 1.0 / gap if gap > 0 else 10.0
+            self._open(bgr.shape[1], bgr.shape[0])
+            if self._held is not None:
+                self._write(self._held[1])
+                self._held = None
+        self._write(bgr)
+
+    def _open(self, width: int, height: int) -> None:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.fps = float(min(max(self.fps or 10.0, 0.1), 240.0))
+        writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*'mp4v'), self.fps,
+                                 (width, height))
+        if not writer.isOpened():
+            self.error = (f'OpenCV could not open an mp4v video writer for {self.partial}; this '
+                          'OpenCV build lacks the codec or the folder is not writable')
+            return
+        self._writer = writer
+        self._size = (height, width)
+
+    def _write(self, bgr: np.ndarray) -> None:
+        if self._writer is None:
+            return
+        if bgr.shape[:2] != self._size:
+            self.error = (f'frame of {bgr.shape[1]}x{bgr.shape[0]} in a {self._size[1]}x'
+                          f'{self._size[0]} video: the camera resolution changed; the video '
+                          'stops there')
+            return
+        self._writer.write(np.ascontiguousarray(bgr))
+        self.frames += 1
+
+    def close(self) -> dict[str, Any]:
+        if self._writer is None and self._held is not None and self.error is None:
+            self.fps = self.fps or 10.0
+            self._open(self._held[1].shape[1], self._held[1].shape[0])
+            self._write(self._held[1])
+            self._held = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self.frames and self.partial.exists():
+            self.partial.replace(self.path)
+        else:
+            self.partial.unlink(missing_ok=True)
+        return {'path': str(self.path) if self.frames else None, 'frames': self.frames,
+                'fps': self.fps, 'codec': 'mp4v', 'error': self.error}
+
+
+class BagSink:
+    """A rosbag2 with the input's messages and the node's outputs of every processed frame.
+
+    Outputs go to ``{namespace}/{output}`` (sensor_msgs/Image: semantic_mask and anomaly_mask
+    mono8, anomaly_score 32FC1, semantic_color and overlay rgb8), with the input image's header
+    and bag time. The input topics of a rosbag2 are copied byte for byte; those of a ROS 1 bag
+    are not (their messages are not ROS 2 messages). The bag is written beside its final place
+    and moved there by ``close()``; a write failure is recorded and stops the bag only.
+    """
+
+    def __init__(self, path: str | Path, namespace: str = '/anomaly_seg',
+                 storage: str = 'mcap') -> None:
+        from rosbags.rosbag2.enums import StoragePlugin
+
+        if storage not in ('mcap', 'sqlite3'):
+            raise BagError(f'output bag storage must be mcap or sqlite3, got {storage!r}')
+        self.path = Path(path)
+        self.partial = self.path.with_name(f'.{self.path.name}.partial')
+        self.namespace = '/' + namespace.strip('/') if namespace.strip('/') else ''
+        self.plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+        self.storage = storage
+        self.error: str | None = None
+        self.inputs_copied: bool | None = None
+        self.counts: dict[str, int] = {}
+        self._writer: Any = None
+        self._inputs: dict[int, Any] = {}
+        self._outputs: dict[str, Any] = {}
+        self._ts: Any = None
+
+    def _open(self) -> None:
+        from rosbags.rosbag2 import Writer
+        from rosbags.typesys import Stores, get_typestore
+
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._ts = get_typestore(Stores.ROS2_HUMBLE)
+        self._writer = Writer(self.partial, version=8, storage_plugin=self.plugin)
+        self._writer.open()
+
+    def _guard(self, action: Callable[[], None]) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self._writer is None:
+                self._open()
+            action()
+        except Exception as error:  # disk full, bad type...: stop this bag, not the replay
+            self.error = f'writing the output bag failed: {type(error).__name__}: {error}'
+
+    def on_input(self, topic: Topic, bag_ns: int, raw: bytes, source: BagSource) -> None:
+        self.inputs_copied = not source.is_ros1
+        if source.is_ros1:
+            return
+
+        def copy() -> None:
+            conn = self._inputs.get(topic.id)
+            if conn is None:
+                conn = self._writer.add_connection(topic.topic, topic.msgtype,
+                                                   typestore=source.typestore)
+                self._inputs[topic.id] = conn
+            self._writer.write(conn, bag_ns, raw)
+            self.counts[topic.topic] = self.counts.get(topic.topic, 0) + 1
+
+        self._guard(copy)
+
+    def on_result(self, frame: Frame, result: FrameResult) -> None:
+        outputs = (('semantic_mask', 'mono8'), ('anomaly_score', '32FC1'),
+                   ('anomaly_mask', 'mono8'), ('semantic_color', 'rgb8'), ('overlay', 'rgb8'))
+
+        def write() -> None:
+            ts = self._ts
+            types = ts.types
+            header = types['std_msgs/msg/Header'](
+                stamp=types['builtin_interfaces/msg/Time'](sec=frame.stamp_ns // 10 ** 9,
+                                                           nanosec=frame.stamp_ns % 10 ** 9),
+                frame_id=frame.frame_id)
+            image_cls = types['sensor_msgs/msg/Image']
+            for name, encoding in outputs:
+                array = getattr(result, name)
+                if array is None:
+                    continue
+                msg = to_message(encode_image(array, encoding, header), image_cls)
+                topic = f'{self.namespace}/{name}'
+                conn = self._outputs.get(topic)
+                if conn is None:
+                    conn = self._writer.add_connection(topic, image_cls.__msgtype__,
+                                                       typestore=ts)
+                    self._outputs[topic] = conn
+                self._writer.write(conn, frame.bag_ns, ts.serialize_cdr(msg, msg.__msgtype__))
+                self.counts[topic] = self.counts.get(topic, 0) + 1
+
+        self._guard(write)
+
+    def close(self) -> dict[str, Any]:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception as error:  # the replay's results matter more than this bag
+                self.error = self.error or f'closing the output bag failed: {error}'
+            self._writer = None
+        written = self.partial.exists() and self.error is None and bool(self._outputs)
+        if written:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.partial.rename(self.path)
+        elif self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        return {'path': str(self.path) if written else None, 'storage': self.storage,
+                'output_topics': sorted(self._outputs), 'messages': dict(self.counts),
+                'inputs_copied': self.inputs_copied, 'error': self.error}
