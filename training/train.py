@@ -702,11 +702,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides or [])
     if args.config:
         return load_config(args.config, overrides)
-    if args.resume and args.resume != 'auto':
-        stored = ckpt_io.checkpoint_config(ckpt_io.load_checkpoint(args.resume))
+    resume = args.resume
+    if resume == 'auto' and args.out:
+        resume = ckpt_io.latest_checkpoint(Path(args.out) / 'checkpoints')
+    if resume and resume != 'auto':
+        stored = ckpt_io.checkpoint_config(ckpt_io.load_checkpoint(resume))
         return stored.with_overrides(overrides)
     raise ConfigError('anomaly-seg train needs --config training/configs/NAME.yaml (or '
-                      '--resume CKPT to continue a run with its stored config)')
+                      '--resume CKPT, or --resume auto with an --out that holds checkpoints, to '
+                      'continue a run with its stored config)')
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -324,6 +324,21 @@ def test_train_command_parses_overrides_and_needs_a_config():
         config_from_args(parser.parse_args([]))
 
 
+def test_resume_auto_reads_the_stored_config_from_out(stage1):
+    import argparse
+
+    from training import train_command
+    from training.train import config_from_args
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    run_dir = stage1[0].parent.parent
+    cfg = config_from_args(parser.parse_args(['--resume', 'auto', '--out', str(run_dir),
+                                              'train.max_steps=5']))
+    assert cfg.method == 'closed_set' and cfg.train.max_steps == 5
+    with pytest.raises(ConfigError, match='--resume auto'):
+        config_from_args(parser.parse_args(['--resume', 'auto', '--out', str(run_dir / 'x')]))
+
+
 def test_command_modules_do_not_import_torch():
     code = ('import sys; import training.train_command, training.evaluate_command; '
             'assert "torch" not in sys.modules, "torch imported"')
