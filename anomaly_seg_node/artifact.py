@@ -1,9 +1,11 @@
 """The artifact sidecar (NAME.json): the only code that knows its schema.
 
-An artifact is NAME.onnx, NAME.pt2 and NAME.json, written by `anomaly-seg export`. The sidecar
-names the model files (relative to its own folder) with their sha256, the input contract, the
-score, the classes and the named thresholds. `read_sidecar` refuses a missing, malformed or
-unknown-version sidecar, or one whose files are missing or differ, before anything is loaded.
+An artifact is NAME.onnx, optionally NAME.pt2, and NAME.json, written by `anomaly-seg export`
+(`--formats onnx` leaves out the .pt2, which only the torch and tensorrt backends need). The
+sidecar names the model files (relative to its own folder) with their sha256, the input
+contract, the score, the classes and the named thresholds. `read_sidecar` refuses a missing,
+malformed or unknown-version sidecar, or one whose listed files are missing or differ, before
+anything is loaded.
 
 Artifacts are code: a .pt2 or .onnx file can make the runtime do anything its operators allow.
 Load them only from sources you trust; the sha256 proves integrity, not authorship.
@@ -27,9 +29,17 @@ from anomaly_seg_node.errors import ArtifactError
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 MODEL_FILE_KINDS = ('onnx', 'pt2')
+# ONNX Runtime, the vehicle's CPU path, needs only the .onnx; the .pt2 may be left out.
+REQUIRED_FILE_KINDS = ('onnx',)
 OUTPUT_NAMES = ('labels', 'anomaly_score')
 OUTPUT_DTYPES = {'labels': 'int32', 'anomaly_score': 'float32'}
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
+
+
+def missing_format_fix(kind: str) -> str:
+    """What to do when an artifact ships no `kind` file: `this artifact ships no .pt2; ...`."""
+    return (f'this artifact ships no .{kind}; re-export with anomaly-seg export --formats '
+            f'{",".join(MODEL_FILE_KINDS)}')
 
 
 @dataclass(frozen=True)
@@ -105,11 +115,21 @@ class Sidecar:
                 'read it with read_sidecar(path) or pass the path of NAME.json')
         return Path(self.source).parent
 
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The model file kinds this artifact ships, in MODEL_FILE_KINDS order."""
+        return tuple(kind for kind in MODEL_FILE_KINDS if kind in self.files)
+
+    def has(self, kind: str) -> bool:
+        """Whether the artifact ships a model file of `kind` ('onnx' or 'pt2')."""
+        return kind in self.files
+
     def file_path(self, kind: str) -> Path:
         """Absolute path of the model file of `kind` ('onnx' or 'pt2')."""
         if kind not in self.files:
             raise ArtifactError(
-                f'the artifact lists no {kind!r} file (it has {sorted(self.files)}); {_FIX}')
+                f'artifact {self.source or "(not read from a file)"} lists no {kind!r} file '
+                f'(it has {list(self.formats)}): {missing_format_fix(kind)}')
         return self.folder / self.files[kind].name
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +319,8 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
     files_doc = check.get(document, 'files', Mapping)
     files = {}
     for kind in MODEL_FILE_KINDS:
+        if kind not in REQUIRED_FILE_KINDS and kind not in files_doc:
+            continue  # an optional format left out at export (anomaly-seg export --formats)
         ref = check.get(files_doc, kind, Mapping, 'files.')
         name = check.get(ref, 'name', str, f'files.{kind}.')
         if not name or Path(name).name != name:

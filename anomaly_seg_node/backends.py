@@ -5,7 +5,9 @@ A `Segmenter` takes uint8 RGB frames already resized to the artifact's size (`[H
 graph, and returns int32 labels and float32 anomaly scores `[N, H, W]`.
 
 torch, torch_tensorrt and onnxruntime are imported only inside the backend that needs them, so a
-missing optional package is a clear BackendError at load time, not an import crash.
+missing optional package is a clear BackendError at load time, not an import crash. An
+ONNX-only artifact (exported with `--formats onnx`) runs in onnxruntime only: torch and tensorrt
+refuse it, and auto passes them over, saying so in its reason.
 """
 
 from collections.abc import Mapping
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly_seg_node.artifact import Sidecar, read_sidecar
+from anomaly_seg_node.artifact import Sidecar, missing_format_fix, read_sidecar
 from anomaly_seg_node.errors import BackendError
 
 BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
@@ -30,6 +32,8 @@ ENGINE_CACHE_ENV = 'ANOMALY_SEG_ENGINE_CACHE'
 # torch.export.load warns for files not ending in .pt2.
 ENGINE_SUFFIX = '.pt2'
 ENGINE_ENVIRONMENT_FIELDS = ('gpu', 'compute_capability', 'torch', 'torch_tensorrt', 'tensorrt')
+# The model file each backend runs (tensorrt compiles its engine from the .pt2).
+BACKEND_FILES = {'onnxruntime': 'onnx', 'torch': 'pt2', 'tensorrt': 'pt2'}
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,22 @@ class Segmenter:
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the graph on exactly `batch` uint8 frames `[B, H, W, 3]`."""
         raise NotImplementedError
+
+
+def cannot_run(sidecar: Sidecar, backend: str) -> str:
+    """'' when the artifact ships the file `backend` runs, else why not and the fix."""
+    kind = BACKEND_FILES.get(backend)
+    if kind is None or sidecar.has(kind):
+        return ''
+    return (f'backend {backend} runs NAME.{kind}, but {missing_format_fix(kind)} '
+            f'(artifact {sidecar.source or "not read from a file"}; or use backend onnxruntime)')
+
+
+def require_file(sidecar: Sidecar, backend: str) -> None:
+    """BackendError naming the fix when the artifact lacks the file `backend` runs."""
+    why = cannot_run(sidecar, backend)
+    if why:
+        raise BackendError(why)
 
 
 class OnnxRuntimeSegmenter(Segmenter):
@@ -179,6 +199,8 @@ class TorchSegmenter(Segmenter):
 
     def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
                  module: Any = None) -> None:
+        if module is None:
+            require_file(sidecar, 'torch')
         torch = _import('torch', 'torch', 'pip install -r requirements.txt (torch 2.14)')
         _check_torch_device(torch, device, precision)
         super().__init__(sidecar, device, precision, reason)
@@ -218,6 +240,7 @@ class TensorRTSegmenter(TorchSegmenter):
 
     def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
                  engine_cache_dir: str | os.PathLike | None = None) -> None:
+        require_file(sidecar, 'tensorrt')
         if importlib.util.find_spec('torch_tensorrt') is None:
             raise BackendError(
                 "torch_tensorrt not installed: pip install 'anomaly_seg[tensorrt]' "
@@ -264,6 +287,7 @@ def load(sidecar: str | os.PathLike | Sidecar, backend: str = 'auto', device: st
             raise BackendError(f'unknown {name} {value!r}; expected one of {list(allowed)}')
     if not isinstance(sidecar, Sidecar):
         sidecar = read_sidecar(sidecar)
+    require_file(sidecar, backend)
     if backend == 'auto':
         backend, device, precision, reason = choose_backend(
             sidecar, device, precision, engine_cache_dir)
@@ -282,12 +306,17 @@ def choose_backend(sidecar: Sidecar, device: str, precision: str,
     """auto: tensorrt (engine cached), then torch on CUDA, then onnxruntime.
 
     Returns (backend, device, precision, reason); onnxruntime runs on its GPU providers when
-    torch cannot reach CUDA but onnxruntime can (a vehicle without torch), else on the CPU.
+    torch cannot reach CUDA but onnxruntime can (a vehicle without torch), or when the artifact
+    ships no .pt2 (torch and tensorrt need it), else on the CPU.
     """
     if device == 'cpu':
         note = '' if precision == 'fp32' else ' (fp16 needs cuda: running fp32)'
         return 'onnxruntime', 'cpu', 'fp32', f'device cpu asked: onnxruntime on the CPU{note}'
-    cuda_note = _cuda_unavailable()
+    if not sidecar.has('pt2'):
+        cuda_note = ('the artifact ships no .pt2 (exported with --formats onnx), so tensorrt '
+                     'and torch cannot run it')
+    else:
+        cuda_note = _cuda_unavailable()
     if not cuda_note:
         if importlib.util.find_spec('torch_tensorrt') is None:
             why = 'torch_tensorrt is not installed'
@@ -352,6 +381,7 @@ def engine_cache_key(sidecar: Sidecar, precision: str,
 
     `environment` is `engine_environment()`, probed here when not given.
     """
+    require_file(sidecar, 'tensorrt')
     if environment is None:
         environment = engine_environment()
     return {

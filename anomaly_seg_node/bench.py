@@ -3,6 +3,8 @@
 - Score graphs: the segmentation-only, OP, OPxMS, DH and JSD graphs (the artifact and its
   siblings NAME-SCORE.json written by `anomaly-seg export --all-scores`) on the chosen backend.
 - The DH graph on every available backend (onnxruntime, torch; on a GPU also fp16 and TensorRT).
+  Backends the artifact cannot run (torch and tensorrt on an ONNX-only artifact, exported with
+  `--formats onnx`) are skipped, and the report says so.
 - One full frame as the node runs it: decode a sensor_msgs/Image, resize, convert, infer,
   labels, upsample, threshold, colour, overlay, encode each output (anomaly_seg_node.pipeline and
   image_codec), next to the time of one plain copy of the input and output bytes.
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sidecar = read_sidecar(args.artifact)
     out = Path(args.out) if args.out else None
     requested = [b.strip() for b in str(args.backends).split(',') if b.strip()]
-    configs, chosen_reason = backend_configs(sidecar, requested, args.device, args.precision)
+    configs, chosen_reason, skipped = backend_configs(sidecar, requested, args.device,
+                                                      args.precision)
     chosen = configs[0]
     report: dict[str, Any] = {
         'artifact': str(Path(sidecar.source)),
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'threads': args.threads,
         'machine': machine_info(),
         'chosen': {**chosen, 'reason': chosen_reason},
+        'skipped_backends': skipped,
     }
     frame = synthetic_frame(*sidecar.input_size)
 
@@ -108,7 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graphs, missing = score_artifacts(sidecar)
     runners: dict[str, Callable[[], Any]] = {}
     loaded: dict[str, Any] = {}
-    for graph, sc in graphs.items():
+    for graph, sc in list(graphs.items()):
+        why = _cannot_run(sc, chosen['backend'])
+        if why:
+            missing.append(f'{graph}: skipped on {chosen["backend"]}: {why}')
+            del graphs[graph]
+            continue
         loaded[graph] = _load(sc, chosen)
         runners[graph] = graph_runner(loaded[graph], frame, args.threads)
     dh = graphs.get('DH')
@@ -141,6 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dh is not None:
         for config in configs:
             key = f"{config['backend']}/{config['device']}/{config['precision']}"
+            why = _cannot_run(dh, config['backend'])
+            if why:
+                rows.append({**config, 'key': key, 'skipped': why})
+                continue
             try:
                 segmenter = loaded['DH'] if config == chosen else _load(dh, config)
                 backend_runners[key] = graph_runner(segmenter, frame, args.threads)
@@ -205,8 +218,9 @@ def score_artifacts(sidecar: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def backend_configs(sidecar: Any, requested: Sequence[str], device: str, precision: str
-                    ) -> tuple[list[dict[str, str]], str]:
-    """The (backend, device, precision) rows to time; the first is the chosen one."""
+                    ) -> tuple[list[dict[str, str]], str, list[dict[str, str]]]:
+    """The (backend, device, precision) rows to time (the first is the chosen one), the reason
+    of the choice, and the rows skipped because the artifact cannot run them (with 'why')."""
     from anomaly_seg_node import backends
 
     if not requested:
@@ -215,17 +229,46 @@ def backend_configs(sidecar: Any, requested: Sequence[str], device: str, precisi
     if unknown:
         raise ConfigError(f'unknown backend(s) {unknown}; expected some of '
                           f'{list(backends.BACKENDS)}')
-    if requested[0] == 'auto':
+    skipped: list[dict[str, str]] = []
+    runnable = []
+    for name in requested:
+        why = _cannot_run(sidecar, name)
+        if why:
+            skipped.append({'backend': name, 'device': device, 'precision': precision,
+                            'why': why})
+        else:
+            runnable.append(name)
+    if not runnable:
+        raise BackendError(f'none of the backends {list(requested)} can run this artifact: '
+                           + '; '.join(item['why'] for item in skipped))
+    if runnable[0] == 'auto':
         backend, dev, prec, reason = backends.choose_backend(sidecar, device, precision)
     else:
-        backend, dev, prec, reason = requested[0], device, precision, 'requested'
+        backend, dev, prec, reason = runnable[0], device, precision, 'requested'
+        if skipped and requested[0] != runnable[0]:
+            reason = (f'requested ({", ".join(item["backend"] for item in skipped)} skipped: '
+                      'the artifact ships no file they run)')
     first = {'backend': backend, 'device': dev, 'precision': prec}
-    if 'auto' in requested:
+    if 'auto' in runnable:
         candidates = available_configs()
     else:
-        candidates = [{'backend': b, 'device': dev, 'precision': prec} for b in requested]
-    configs = [first] + [c for c in candidates if c != first]
-    return configs, reason
+        candidates = [{'backend': b, 'device': dev, 'precision': prec} for b in runnable]
+    configs = [first]
+    for config in candidates:
+        why = _cannot_run(sidecar, config['backend'])
+        if why:
+            if {**config, 'why': why} not in skipped:
+                skipped.append({**config, 'why': why})
+        elif config != first:
+            configs.append(config)
+    return configs, reason, skipped
+
+
+def _cannot_run(sidecar: Any, backend: str) -> str:
+    """'' when `sidecar` ships the model file `backend` runs, else why not (with the fix)."""
+    from anomaly_seg_node import backends
+
+    return backends.cannot_run(sidecar, backend)
 
 
 def available_configs() -> list[dict[str, str]]:
@@ -591,7 +634,10 @@ def format_markdown(report: Mapping[str, Any]) -> str:
               '| backend | device | precision | median ms | p10-p90 ms | FPS | note |',
               '|---|---|---|---:|---:|---:|---|']
     for row in report['backends']:
-        if 'error' in row:
+        if 'skipped' in row:
+            lines.append(f"| {row['backend']} | {row['device']} | {row['precision']} | - | - | "
+                         f"- | skipped: {row['skipped']} |")
+        elif 'error' in row:
             lines.append(f"| {row['backend']} | {row['device']} | {row['precision']} | - | - | "
                          f"- | unavailable: {row['error']} |")
         else:
@@ -599,6 +645,11 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {row['backend']} | {row['device']} | {row['precision']} | "
                          f"{row['median_ms']:.1f} | {row['p10_ms']:.1f}-{row['p90_ms']:.1f} | "
                          f"{row['fps']:.2f} | {note} |")
+    if report.get('skipped_backends'):
+        lines.append('')
+    for item in report.get('skipped_backends', []):
+        lines.append(f"- skipped {item['backend']} ({item['device']}, {item['precision']}): "
+                     f"{item['why']}")
     stages = report['stages']
     fh, fw = stages['frame_size']
     lines += ['', f"## One frame as the node runs it ({stages['encoding']} {fh}x{fw} -> "

@@ -8,7 +8,9 @@ its compute capability, the torch / torch-tensorrt / TensorRT versions and the p
 calibration images beside the FP32 graph on the CPU: label agreement, anomaly-mask agreement at
 the sidecar's default threshold and the score error relative to the score's standard deviation
 go into a JSON record beside the engine. An engine that misses the requirements of its precision
-is not cached. A cached engine whose key, record and hash match is reused unless forced.
+is not cached. A cached engine whose key, record and hash match is reused unless forced. An
+ONNX-only artifact (exported with `--formats onnx`) has no .pt2 to compile and is refused,
+naming the re-export.
 
 The node calls `ensure_engine` at configure when `allow_engine_build` is true. This module
 imports torch and torch_tensorrt only inside the functions that build.
@@ -41,6 +43,7 @@ from anomaly_seg_node.backends import (
     ENGINE_CACHE_ENV,
     ENGINE_ENVIRONMENT_FIELDS,
     _cuda_unavailable,
+    cannot_run,
     engine_cache_key,
     engine_environment,
     engine_path,
@@ -302,17 +305,27 @@ def compile_options(precision: str, accepted: Collection[str], float16: Any,
     return options
 
 
-def engine_wanted(backend: str, device: str) -> bool:
+def engine_wanted(backend: str, device: str, sidecar: Sidecar | None = None) -> bool:
     """Whether the node's backend/device resolve to the tensorrt backend once an engine exists.
 
-    tensorrt on cuda always; auto on cuda where torch_tensorrt is installed and torch sees a GPU
-    (auto takes a cached engine first).
+    tensorrt on cuda always (an ONNX-only artifact is then refused by `ensure_engine`, naming
+    the fix); auto on cuda where torch_tensorrt is installed, torch sees a GPU and `sidecar`
+    (when given) ships the .pt2 (auto takes a cached engine first).
     """
     if device != 'cuda':
         return False
     if backend == 'tensorrt':
         return True
+    if sidecar is not None and cannot_run(sidecar, 'tensorrt'):
+        return False  # auto runs an ONNX-only artifact in onnxruntime
     return backend == 'auto' and _has_module('torch_tensorrt') and not _cuda_unavailable()
+
+
+def check_artifact(sidecar: Sidecar) -> None:
+    """Refuse an artifact without the .pt2 that TensorRT compiles, naming the re-export."""
+    why = cannot_run(sidecar, 'tensorrt')
+    if why:
+        raise BackendError(f'cannot build a TensorRT engine: {why}')
 
 
 def _has_module(name: str) -> bool:
@@ -396,6 +409,7 @@ def build_engine(sidecar: Sidecar, precision: str = DEFAULT_PRECISION,
     _check_precision(precision)
     calibration = calibration or CalibrationSource()
     calibration.files()  # a bad folder or count fails before anything slow
+    check_artifact(sidecar)
     check_build_requirements()
     path, key = _locate(sidecar, precision, cache_dir)
     if not force:
@@ -416,6 +430,7 @@ def ensure_engine(sidecar: Sidecar, precision: str, cache_dir: str | os.PathLike
     Without `allow_build`, a missing engine is a BackendError naming the command to run.
     """
     _check_precision(precision)
+    check_artifact(sidecar)
     check_build_requirements()
     path, key = _locate(sidecar, precision, cache_dir)
     record, reason = cached_engine(path, key)
@@ -609,7 +624,8 @@ def _stderr_log(level: str, message: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `anomaly-seg build-engine`."""
     parser.add_argument('--artifact', required=True, type=Path, metavar='NAME.json',
-                        help='the artifact sidecar (NAME.pt2 beside it is compiled)')
+                        help='the artifact sidecar (NAME.pt2 beside it is compiled; an '
+                             'artifact exported with --formats onnx has none and is refused)')
     parser.add_argument('--precision', choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help=f'engine precision (default {DEFAULT_PRECISION})')
     parser.add_argument('--cache-dir', type=Path, default=None, metavar='DIR',

@@ -86,8 +86,8 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('artifact', '', 'Path to the artifact sidecar NAME.json written by anomaly-seg '
-              'export (NAME.onnx and NAME.pt2 lie beside it). Empty: models/demo.json of the '
-              'package share, when installed.'),
+              'export (NAME.onnx, and NAME.pt2 unless exported ONNX-only, lie beside it). Empty: '
+              'models/demo.json of the package share, when installed.'),
     ParamSpec('backend', 'auto', 'Inference backend; auto picks tensorrt (cached engine), then '
               'torch on CUDA, then onnxruntime, and says which on /diagnostics.',
               choices=BACKENDS),
@@ -523,7 +523,7 @@ class NodeCore:
             if config.allow_engine_build:
                 from anomaly_seg_node.build_engine import engine_wanted, ensure_engine
 
-                if engine_wanted(config.backend, config.device):
+                if engine_wanted(config.backend, config.device, sidecar):
                     # Blocks configure for minutes when the engine is missing; that is the
                     # trade asked for by allow_engine_build.
                     ensure_engine(sidecar, config.precision, config.engine_cache_dir or None,

@@ -1,13 +1,14 @@
-"""Export a segmenter as an artifact: NAME.onnx, NAME.pt2 and the sidecar NAME.json.
+"""Export a segmenter as an artifact: NAME.onnx, NAME.pt2 (optional) and the sidecar NAME.json.
 
 `DeployModel` puts the whole deploy graph in one module: float32 RGB 0..255 `[N, 3, H, W]` in,
 int32 labels and the float32 anomaly score `[N, H, W]` out (normalisation lives in the segmenter,
 the score in `training.scores`), so evaluation and deployment share one implementation.
-`export_artifact` writes both graphs at one static size and checks them against eager torch on
-synthetic road-like images before it writes the sidecar (DESIGN.md, "The artifact contract").
+`export_artifact` writes the graphs of the requested formats (ONNX always, the torch.export .pt2
+unless left out) at one static size and checks each against eager torch on synthetic road-like
+images before it writes the sidecar (DESIGN.md, "The artifact contract").
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
 import datetime
 import importlib.metadata
@@ -24,6 +25,8 @@ from torch import nn
 
 from anomaly_seg_node import labels as label_ids
 from anomaly_seg_node.artifact import (
+    MODEL_FILE_KINDS,
+    REQUIRED_FILE_KINDS,
     FileRef,
     InputSpec,
     ScoreSpec,
@@ -44,6 +47,9 @@ PARITY_FIGURES = ('label_agreement', 'mask_agreement', 'max_score_diff', 'score_
 MIN_LABEL_AGREEMENT = 0.999
 MIN_MASK_AGREEMENT = 0.995
 MAX_DIFF_OVER_STD = 1e-3
+# The runtime that checks each format's parity, by format.
+FORMAT_RUNTIMES = {'onnx': 'onnxruntime', 'pt2': 'torch_export'}
+DEFAULT_FORMATS = MODEL_FILE_KINDS
 METADATA_KEYS = ('method', 'classes', 'palette', 'void_id', 'training', 'code_version',
                  'default_threshold')
 
@@ -98,15 +104,21 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
                     calibration_images: np.ndarray | None = None,
                     thresholds: Mapping[str, float] | None = None,
                     metadata: Mapping[str, Any] | None = None,
-                    check_images: int = 4, seed: int = 0) -> Sidecar:
+                    check_images: int = 4, seed: int = 0,
+                    formats: Sequence[str] = DEFAULT_FORMATS) -> Sidecar:
     """Write OUT_STEM.onnx, OUT_STEM.pt2 and OUT_STEM.json, checked against eager torch.
 
-    The check runs `check_images` synthetic road-like images (plus `calibration_images`, uint8
-    `[M, H, W, 3]` at `size`, when given) through eager torch, ONNX Runtime and the reloaded
-    ExportedProgram. On failure it raises ArtifactError with the figures and writes nothing;
-    on success the model files are renamed into place and the sidecar is written last.
-    `model` must live on the CPU; it is put in eval mode.
+    `formats` names the model files: 'onnx' (required) and 'pt2' (the torch and tensorrt
+    backends need it; leave it out for an ONNX Runtime-only artifact, half the size). The check
+    runs `check_images` synthetic road-like images (plus `calibration_images`, uint8
+    `[M, H, W, 3]` at `size`, when given) through eager torch and the runtime of each format
+    (ONNX Runtime, the reloaded ExportedProgram); the sidecar's parity block records the
+    figures and `formats_checked`. On failure it raises ArtifactError with the figures and
+    writes nothing; on success the model files are renamed into place, the sidecar is written
+    last, and an OUT_STEM.pt2 of an earlier export is removed when 'pt2' is left out (it would
+    not match the new OUT_STEM.onnx). `model` must live on the CPU; it is put in eval mode.
     """
+    formats = check_formats(formats)
     height, width = _check_size(size)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f'batch must be a positive integer, found {batch!r}')
@@ -156,7 +168,7 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
         input=InputSpec(height=height, width=width, batch=batch),
         classes=tuple(classes),
         palette=tuple(tuple(rgb) for rgb in palette),
-        files={kind: FileRef(f'{name}.{kind}', '0' * 64) for kind in ('onnx', 'pt2')},
+        files={kind: FileRef(f'{name}.{kind}', '0' * 64) for kind in formats},
         void_id=metadata.get('void_id', label_ids.IGNORE_ID),
         thresholds=thresholds,
         default_threshold=default_threshold,
@@ -166,18 +178,18 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
     )
     _check_document(draft)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_onnx = _temp_path(folder, name, '.onnx')
-    tmp_pt2 = _temp_path(folder, name, '.pt2')
+    tmp = {kind: _temp_path(folder, name, f'.{kind}') for kind in formats}
+    writers = {'onnx': ('torch.onnx.export', _export_onnx), 'pt2': ('torch.export', _export_pt2)}
     try:
-        for what, write, tmp in (('torch.onnx.export', _export_onnx, tmp_onnx),
-                                 ('torch.export', _export_pt2, tmp_pt2)):
+        for kind in formats:
+            what, write = writers[kind]
             try:
-                write(model, example, tmp)
+                write(model, example, tmp[kind])
             except Exception as error:
                 raise ArtifactError(
                     f'export of {name} failed in {what}: {error}. The model uses an operation '
                     'the exporter cannot trace; nothing was written') from error
-        _check_onnx(tmp_onnx)
+        _check_onnx(tmp['onnx'])
         eager = run_batched(_eager_runner(model), images, batch)
         threshold = (thresholds[default_threshold] if default_threshold is not None
                      else float(np.median(eager[1])))
@@ -187,14 +199,16 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
             'size': [height, width],
             'threshold': threshold,
             'threshold_name': default_threshold or 'median of the eager scores',
+            'formats_checked': list(formats),
             'requirements': {'label_agreement': MIN_LABEL_AGREEMENT,
                              'mask_agreement': MIN_MASK_AGREEMENT,
                              'score_diff_over_std': MAX_DIFF_OVER_STD},
         }
         failures = []
-        for runtime, runner in (('onnxruntime', _onnx_runner(tmp_onnx)),
-                                ('torch_export', _pt2_runner(tmp_pt2))):
-            outputs = run_batched(runner, images, batch)
+        runners = {'onnx': _onnx_runner, 'pt2': _pt2_runner}
+        for kind in formats:
+            runtime = FORMAT_RUNTIMES[kind]
+            outputs = run_batched(runners[kind](tmp[kind]), images, batch)
             figures = parity_figures(eager, outputs, threshold)
             parity[runtime] = figures
             failures += [f'{runtime}: {problem}' for problem in parity_failures(figures)]
@@ -205,17 +219,38 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
                 'model for export-unsafe operations (data-dependent shapes, in-place ops on '
                 'inputs, non-deterministic kernels)')
 
-        files = {'onnx': FileRef(f'{name}.onnx', sha256_file(tmp_onnx)),
-                 'pt2': FileRef(f'{name}.pt2', sha256_file(tmp_pt2))}
+        files = {kind: FileRef(f'{name}.{kind}', sha256_file(tmp[kind])) for kind in formats}
         sidecar = dataclasses.replace(draft, files=files, parity=parity, created=_now())
         _check_document(sidecar)
-        os.replace(tmp_onnx, folder / files['onnx'].name)
-        os.replace(tmp_pt2, folder / files['pt2'].name)
+        for kind in formats:
+            os.replace(tmp[kind], folder / files[kind].name)
         path = write_sidecar(sidecar, folder / f'{name}.json')
+        for kind in MODEL_FILE_KINDS:
+            if kind not in formats:
+                # Left by an earlier export: it belongs to the replaced NAME.onnx, and a
+                # committed models/ folder must not carry it along unlisted.
+                (folder / f'{name}.{kind}').unlink(missing_ok=True)
     finally:
-        tmp_onnx.unlink(missing_ok=True)
-        tmp_pt2.unlink(missing_ok=True)
+        for leftover in tmp.values():
+            leftover.unlink(missing_ok=True)
     return _with_source(sidecar, path)
+
+
+def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    """The requested model formats in MODEL_FILE_KINDS order; ConfigError when unusable."""
+    if isinstance(formats, str):
+        formats = [part.strip() for part in formats.split(',') if part.strip()]
+    requested = list(formats)
+    unknown = [kind for kind in requested if kind not in MODEL_FILE_KINDS]
+    if unknown:
+        raise ConfigError(f'unknown export format(s) {unknown}; expected some of '
+                          f'{list(MODEL_FILE_KINDS)}, e.g. --formats onnx,pt2')
+    missing = [kind for kind in REQUIRED_FILE_KINDS if kind not in requested]
+    if missing:
+        raise ConfigError(f'export formats {requested} lack {missing}: every artifact ships '
+                          'NAME.onnx (ONNX Runtime, the CPU path); use --formats onnx or '
+                          'onnx,pt2')
+    return tuple(kind for kind in MODEL_FILE_KINDS if kind in requested)
 
 
 def parity_figures(reference: tuple[np.ndarray, np.ndarray],

@@ -1,5 +1,8 @@
 """`anomaly-seg export`: a checkpoint (or an untrained network) -> NAME.onnx, NAME.pt2, NAME.json.
 
+`--formats onnx` leaves out NAME.pt2 (the torch and tensorrt backends' input): an ONNX
+Runtime-only artifact, half the size, e.g. for a demo model committed to the repository.
+
 The score, normalisation and argmax are inside the graph (training/export.py); the sidecar gets
 named thresholds calibrated at the artifact's size (training/calibration.py): `tpr95` on
 validation images with pasted negatives or on a labelled split (`--calibration-data`), `fpr1`
@@ -18,6 +21,10 @@ from anomaly_seg_node.errors import ConfigError
 
 DEFAULT_SIZE = (720, 1280)  # StreetHazards' validation images
 BENCH_SCORES = ('segmentation', 'OP', 'OPxMS', 'DH', 'JSD')
+# Model formats (anomaly_seg_node.artifact.MODEL_FILE_KINDS; onnx is required).
+FORMATS = ('onnx', 'pt2')
+# Which parity block of the sidecar checks which format.
+FORMAT_RUNTIMES = {'onnx': 'onnxruntime', 'pt2': 'torch_export'}
 # Scores whose temperature is the config's eval.temperature (methods.md §5).
 TEMPERATURE_SCORES = ('OP', 'OPxMS', 'JSD')
 
@@ -29,6 +36,17 @@ def parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f'size must be HxW with both sides >= 32 pixels, e.g. 720x1280, got {text!r}')
     return int(match[1]), int(match[2])
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'onnx,pt2' -> ('onnx', 'pt2'); 'onnx' alone is an ONNX Runtime-only artifact."""
+    requested = [part.strip() for part in text.split(',') if part.strip()]
+    unknown = [kind for kind in requested if kind not in FORMATS]
+    if unknown or 'onnx' not in requested:
+        raise argparse.ArgumentTypeError(
+            f'formats must be onnx or onnx,pt2 (every artifact ships NAME.onnx; pt2 is for the '
+            f'torch and tensorrt backends), got {text!r}')
+    return tuple(kind for kind in FORMATS if kind in requested)
 
 
 def sibling_stem(out: str | Path, score: str) -> Path:
@@ -49,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '--checkpoint the stored config is used)')
     parser.add_argument('--out', required=True, metavar='models/NAME',
                         help='artifact stem: writes NAME.onnx, NAME.pt2 and NAME.json')
+    parser.add_argument('--formats', type=parse_formats, default=FORMATS, metavar='onnx[,pt2]',
+                        help='model files to write and check (default onnx,pt2); onnx alone '
+                             'makes an ONNX Runtime-only artifact without NAME.pt2, which the '
+                             'torch and tensorrt backends and build-engine then refuse')
     parser.add_argument('--score', default=None,
                         help='anomaly score inside the graph: DH, OP, OPxMS, JSD, MSP, '
                              "max_logit, energy or 'segmentation' (default DH with an outlier "
@@ -84,6 +106,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
     from training.export import DeployModel, export_artifact
 
+    try:
+        formats = parse_formats(','.join(getattr(args, 'formats', FORMATS)))
+    except argparse.ArgumentTypeError as error:
+        raise ConfigError(str(error)) from None
     if isinstance(args.batch, bool) or args.batch < 1:
         raise ConfigError(f'--batch must be a positive integer, got {args.batch}')
     cfg, segmenter, origin = _load_network(args)
@@ -146,18 +172,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             calibration_images=calibration.parity_images, thresholds=score_thresholds,
             metadata={**metadata, 'default_threshold': (calibration.default_threshold
                                                          if score_thresholds else None)},
-            seed=args.seed)
+            seed=args.seed, formats=formats)
         written[score] = str(stem.with_suffix('.json'))
         thresholds[score] = dict(sidecar.thresholds)
-        parity[score] = {runtime: {k: sidecar.parity[runtime][k]
-                                   for k in ('label_agreement', 'mask_agreement',
-                                             'score_diff_over_std')}
-                         for runtime in ('onnxruntime', 'torch_export')}
+        parity[score] = {FORMAT_RUNTIMES[kind]: {k: sidecar.parity[FORMAT_RUNTIMES[kind]][k]
+                                                 for k in ('label_agreement', 'mask_agreement',
+                                                           'score_diff_over_std')}
+                         for kind in formats}
+    if 'pt2' not in formats:
+        notes.append('--formats onnx: no NAME.pt2 was written, so the artifact runs in '
+                     'onnxruntime only (backend auto picks it; torch, tensorrt and build-engine '
+                     'refuse it); re-export with --formats onnx,pt2 for those')
     report: dict[str, Any] = {
         'artifact': written[main_score],
         'score': main_score,
         'size': f'{size[0]}x{size[1]}',
         'batch': args.batch,
+        'formats': list(formats),
         'source': origin['source'],
         'calibration': calibration.info.get('source'),
         'default_threshold': calibration.default_threshold,
@@ -174,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_human(report: dict[str, Any]) -> str:
     lines = [f"exported {report['artifact']} (score {report['score']}, {report['size']}, "
-             f"batch {report['batch']}) from {report['source']}"]
+             f"batch {report['batch']}) from {report['source']}",
+             f"formats: {', '.join(report['formats'])}"]
     for score, path in report['artifacts'].items():
         agree = report['parity'][score]
         figures = ', '.join(

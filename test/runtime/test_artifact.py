@@ -1,6 +1,7 @@
 """The sidecar reader and writer, without torch: round trip, every malformed case, thresholds."""
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -126,8 +127,8 @@ REQUIRED = ['schema_version', 'method', 'score', 'input', 'outputs', 'classes', 
             'score.higher_is_more_anomalous', 'input.height', 'input.width', 'input.batch',
             'input.dtype', 'input.layout', 'input.channels', 'input.range', 'input.name',
             'outputs.labels', 'outputs.anomaly_score', 'outputs.labels.dtype',
-            'outputs.anomaly_score.shape', 'files.onnx', 'files.pt2', 'files.onnx.name',
-            'files.pt2.sha256']
+            'outputs.anomaly_score.shape', 'files.onnx', 'files.onnx.name',
+            'files.pt2.sha256', 'files.pt2.name']
 
 
 @pytest.mark.parametrize('key', REQUIRED)
@@ -206,6 +207,56 @@ def test_hash_mismatch(artifact: Path, kind: str) -> None:
             'or fetch the matching files')):
         read_sidecar(artifact)
     assert read_sidecar(artifact, verify_hashes=False).files[kind].name == f'm.{kind}'
+
+
+def _drop_pt2(artifact: Path) -> None:
+    """Make `artifact` ONNX-only, as anomaly-seg export --formats onnx writes it."""
+    document = _document(artifact)
+    del document['files']['pt2']
+    _rewrite(artifact, document)
+    (artifact.parent / 'm.pt2').unlink()
+
+
+def test_onnx_only_artifact_reads_and_round_trips(artifact: Path) -> None:
+    _drop_pt2(artifact)
+    sidecar = read_sidecar(artifact)
+    assert sidecar.schema_version == 1
+    assert sidecar.has('onnx') and not sidecar.has('pt2')
+    assert sidecar.formats == ('onnx',)
+    assert sidecar.file_path('onnx') == artifact.parent.resolve() / 'm.onnx'
+    assert sidecar == dataclasses.replace(_sidecar(), files={'onnx': _sidecar().files['onnx']})
+    with pytest.raises(ArtifactError, match=(
+            r"lists no 'pt2' file \(it has \['onnx'\]\): this artifact ships no \.pt2; "
+            're-export with anomaly-seg export --formats onnx,pt2')):
+        sidecar.file_path('pt2')
+    again = write_sidecar(sidecar, artifact.parent / 'again.json')
+    assert _document(again) == _document(artifact)
+    assert list(_document(again)['files']) == ['onnx']
+
+
+def test_both_formats_are_listed_in_order(artifact: Path) -> None:
+    sidecar = read_sidecar(artifact)
+    assert sidecar.formats == ('onnx', 'pt2') and sidecar.has('pt2')
+
+
+def test_onnx_stays_required(artifact: Path) -> None:
+    document = _document(artifact)
+    del document['files']['onnx']
+    _rewrite(artifact, document)
+    with pytest.raises(ArtifactError, match="required field 'files.onnx' is missing"):
+        read_sidecar(artifact)
+
+
+def test_listed_but_absent_pt2_is_still_refused_when_onnx_only_is_allowed(
+        artifact: Path) -> None:
+    # Listing a file is a promise: a listed .pt2 that is gone or differs is refused as before,
+    # not quietly read as an ONNX-only artifact.
+    (artifact.parent / 'm.pt2').unlink()
+    with pytest.raises(ArtifactError, match='its pt2 file .*m.pt2 is missing'):
+        read_sidecar(artifact)
+    (artifact.parent / 'm.pt2').write_bytes(b'other weights')
+    with pytest.raises(ArtifactError, match='m.pt2 has sha256'):
+        read_sidecar(artifact)
 
 
 def test_resolve_threshold(artifact: Path) -> None:

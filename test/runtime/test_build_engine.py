@@ -302,6 +302,48 @@ def test_command_checks_its_inputs_first(artifact: Path, tmp_path: Path) -> None
         _args(artifact, '--synthetic', '4', '--calibration-images', str(tmp_path))
 
 
+# ONNX-only artifacts (anomaly-seg export --formats onnx) -------------------------------------
+
+NO_PT2 = (r'cannot build a TensorRT engine: backend tensorrt runs NAME.pt2, but this artifact '
+          r'ships no \.pt2; re-export with anomaly-seg export --formats onnx,pt2')
+
+
+@pytest.fixture
+def onnx_only(tmp_path: Path) -> Path:
+    folder = tmp_path / 'lite'
+    folder.mkdir()
+    (folder / 'm.onnx').write_bytes(ONNX_BYTES)
+    sidecar = _sidecar()
+    return write_sidecar(dataclasses.replace(sidecar, files={'onnx': sidecar.files['onnx']}),
+                         folder / 'm.json')
+
+
+def test_command_refuses_an_onnx_only_artifact_with_the_fix(onnx_only: Path,
+                                                            tmp_path: Path) -> None:
+    # Whatever this machine can build: the artifact itself is what is missing.
+    with pytest.raises(BackendError, match=NO_PT2):
+        build_engine.run(_args(onnx_only, '--cache-dir', str(tmp_path / 'cache')))
+    for allow_build in (True, False):
+        with pytest.raises(BackendError, match=NO_PT2):
+            build_engine.ensure_engine(read_sidecar(onnx_only), 'fp16', tmp_path / 'cache',
+                                       allow_build=allow_build,
+                                       log=lambda level, message: None)
+    assert not (tmp_path / 'cache').exists()
+    with pytest.raises(BackendError, match=r'ships no \.pt2'):
+        engine_cache_key(read_sidecar(onnx_only), 'fp16', ENV)
+
+
+def test_auto_wants_no_engine_for_an_onnx_only_artifact(
+        onnx_only: Path, artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_engine, '_has_module', lambda name: True)
+    monkeypatch.setattr(build_engine, '_cuda_unavailable', lambda: '')
+    lite, full = read_sidecar(onnx_only), read_sidecar(artifact)
+    assert engine_wanted('auto', 'cuda', full) and engine_wanted('auto', 'cuda')
+    assert not engine_wanted('auto', 'cuda', lite)
+    # Asked for explicitly, the build is attempted and refused with the fix (above).
+    assert engine_wanted('tensorrt', 'cuda', lite)
+
+
 # Verification figures -----------------------------------------------------------------------
 
 def _outputs() -> tuple[np.ndarray, np.ndarray]:

@@ -210,3 +210,65 @@ def test_fp16_graph_runs_without_float32_asserts(artifact: Path, model: DeployMo
     ref_labels, ref_score = _eager(model, frames)
     assert np.mean(labels.numpy() == ref_labels) >= 0.98
     assert np.abs(score.numpy() - ref_score).max() <= 0.05 * ref_score.std()
+
+
+# ONNX-only artifacts (anomaly-seg export --formats onnx) ------------------------------------
+
+NO_PT2 = r'this artifact ships no \.pt2; re-export with anomaly-seg export --formats onnx,pt2'
+
+
+@pytest.fixture(scope='module')
+def onnx_only(tmp_path_factory: pytest.TempPathFactory, model: DeployModel) -> Path:
+    folder = tmp_path_factory.mktemp('onnx_only')
+    export_artifact(model, folder / 'lite', size=SIZE, batch=BATCH, check_images=1,
+                    thresholds={'tpr95': -3.0}, formats=('onnx',))
+    assert sorted(p.name for p in folder.iterdir()) == ['lite.json', 'lite.onnx']
+    return folder / 'lite.json'
+
+
+@pytest.mark.parametrize(('backend', 'device'), [('torch', 'cpu'), ('torch', 'cuda'),
+                                                 ('tensorrt', 'cuda')])
+def test_pt2_backends_refuse_an_onnx_only_artifact(onnx_only: Path, backend: str,
+                                                   device: str) -> None:
+    with pytest.raises(BackendError, match=f'backend {backend} runs NAME.pt2, but {NO_PT2}'):
+        backends.load(onnx_only, backend=backend, device=device)
+    sidecar = read_sidecar(onnx_only)
+    with pytest.raises(BackendError, match=NO_PT2):
+        backends.TorchSegmenter(sidecar, 'cpu', 'fp32', 'requested')
+
+
+def test_onnx_only_artifact_runs_in_onnxruntime(onnx_only: Path, model: DeployModel,
+                                                frames: np.ndarray) -> None:
+    for backend in ('auto', 'onnxruntime'):
+        segmenter = backends.load(onnx_only, backend=backend, device='cpu')
+        assert segmenter.backend == 'onnxruntime'
+        _assert_agrees(segmenter(frames), _eager(model, frames))
+
+
+def test_auto_on_cuda_skips_torch_and_tensorrt_for_an_onnx_only_artifact(
+        onnx_only: Path, artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a GPU machine: torch sees CUDA.
+    monkeypatch.setattr(backends, '_cuda_unavailable', lambda: '')
+    monkeypatch.setattr(backends, '_onnxruntime_gpu_providers', lambda: [])
+    lite, full = read_sidecar(onnx_only), read_sidecar(artifact)
+    assert backends.choose_backend(full, 'cuda', 'fp16')[0] in ('torch', 'tensorrt')
+    backend, device, precision, reason = backends.choose_backend(lite, 'cuda', 'fp16')
+    assert (backend, device, precision) == ('onnxruntime', 'cpu', 'fp32')
+    assert 'the artifact ships no .pt2 (exported with --formats onnx), so tensorrt and torch ' \
+        'cannot run it' in reason
+    assert 'fell back to onnxruntime on the CPU' in reason
+    monkeypatch.setattr(backends, '_onnxruntime_gpu_providers',
+                        lambda: ['CUDAExecutionProvider'])
+    backend, device, precision, reason = backends.choose_backend(lite, 'cuda', 'fp16')
+    assert (backend, device, precision) == ('onnxruntime', 'cuda', 'fp32')
+    assert 'ships no .pt2' in reason and reason.endswith('onnxruntime with CUDAExecutionProvider')
+
+
+def test_engine_key_of_an_onnx_only_artifact_names_the_fix(onnx_only: Path,
+                                                            tmp_path: Path) -> None:
+    sidecar = read_sidecar(onnx_only)
+    environment = dict.fromkeys(backends.ENGINE_ENVIRONMENT_FIELDS, 'x')
+    with pytest.raises(BackendError, match=NO_PT2):
+        backends.engine_path(sidecar, 'fp16', tmp_path, environment)
+    assert backends.cannot_run(sidecar, 'onnxruntime') == ''
+    assert backends.cannot_run(sidecar, 'auto') == ''

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from anomaly_seg_node import backends, bench
 from anomaly_seg_node.artifact import read_sidecar
-from anomaly_seg_node.errors import ArtifactError, ConfigError
+from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
 from training.export import DeployModel, export_artifact
 
 SIZE = (64, 96)
@@ -226,3 +226,80 @@ def test_bench_on_the_torch_backend_times_the_fcn_pair_in_onnxruntime(artifact: 
     stages = report['stages']
     assert stages['backend'] == 'torch' and stages['median_ms']['infer'] > 0
     assert '(onnxruntime cpu)' in bench.format_markdown(report)
+
+
+# Artifacts without a .pt2 (anomaly-seg export --formats onnx) -------------------------------
+
+NO_PT2 = 'this artifact ships no .pt2; re-export with anomaly-seg export --formats onnx,pt2'
+
+
+def _fake_reference(path: Path) -> Path:
+    """An ONNX file with the reference's input contract (the FCN itself is not under test)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info('image', TensorProto.FLOAT, [1, 3, *SIZE])
+    out = helper.make_tensor_value_info('out', TensorProto.FLOAT, [1, 3, *SIZE])
+    graph = helper.make_graph([helper.make_node('Relu', ['image'], ['out'])], 'ref', [image],
+                              [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lite.json: DH without a .pt2; full.json: DH with both, its full-segmentation without."""
+    folder = tmp_path_factory.mktemp('mixed')
+    segmenter = TinySegmenter().eval()
+    for stem, score, formats in (('lite', 'DH', ('onnx',)), ('full', 'DH', ('onnx', 'pt2')),
+                                 ('full-segmentation', 'segmentation', ('onnx',))):
+        export_artifact(DeployModel(segmenter, score), folder / stem, size=SIZE,
+                        check_images=1, formats=formats)
+    _fake_reference(folder / 'reference.onnx')
+    return folder
+
+
+def test_bench_skips_the_backends_an_onnx_only_artifact_cannot_run(mixed: Path) -> None:
+    report = bench.run(parse('--artifact', str(mixed / 'lite.json'), '--backends',
+                             'torch,onnxruntime', '--iterations', '1', '--warmup', '0',
+                             '--reference', str(mixed / 'reference.onnx')))
+    assert report['chosen'] == {'backend': 'onnxruntime', 'device': 'cpu', 'precision': 'fp32',
+                                'reason': 'requested (torch skipped: the artifact ships no file '
+                                          'they run)'}
+    (skipped,) = report['skipped_backends']
+    assert (skipped['backend'], skipped['device'], skipped['precision']) == \
+        ('torch', 'cpu', 'fp32')
+    assert skipped['why'].startswith(f'backend torch runs NAME.pt2, but {NO_PT2}')
+    assert [r['backend'] for r in report['backends']] == ['onnxruntime']
+    assert report['backends'][0]['fps'] > 0 and 'DH' in report['graphs']['rows']
+    markdown = bench.format_markdown(report)
+    assert f'- skipped torch (cpu, fp32): backend torch runs NAME.pt2, but {NO_PT2}' in markdown
+
+    with pytest.raises(BackendError, match=r"none of the backends \['torch'\] can run this "
+                                           r'artifact: backend torch runs NAME.pt2, but'):
+        bench.run(parse('--artifact', str(mixed / 'lite.json'), '--backends', 'torch'))
+
+
+def test_auto_lists_the_skipped_configurations(mixed: Path) -> None:
+    lite = read_sidecar(mixed / 'lite.json')
+    configs, reason, skipped = bench.backend_configs(lite, ['auto'], 'cpu', 'fp32')
+    assert configs[0] == {'backend': 'onnxruntime', 'device': 'cpu', 'precision': 'fp32'}
+    assert all(c['backend'] == 'onnxruntime' for c in configs)
+    assert {'backend': 'torch', 'device': 'cpu', 'precision': 'fp32'} in \
+        [{k: s[k] for k in ('backend', 'device', 'precision')} for s in skipped]
+    assert all(NO_PT2 in s['why'] for s in skipped)
+    full = read_sidecar(mixed / 'full.json')
+    configs, _, skipped = bench.backend_configs(full, ['auto'], 'cpu', 'fp32')
+    assert skipped == [] and {'backend': 'torch', 'device': 'cpu', 'precision': 'fp32'} in configs
+
+
+def test_a_sibling_without_pt2_is_skipped_on_torch(mixed: Path) -> None:
+    report = bench.run(parse('--artifact', str(mixed / 'full.json'), '--backends', 'torch',
+                             '--iterations', '1', '--warmup', '0',
+                             '--reference', str(mixed / 'reference.onnx')))
+    assert report['chosen']['backend'] == 'torch' and report['skipped_backends'] == []
+    assert list(report['graphs']['rows']) == ['DH']
+    missing = report['graphs']['missing']
+    assert any(m.startswith('segmentation: skipped on torch: backend torch runs NAME.pt2')
+               and NO_PT2 in m for m in missing)
+    assert report['ratios']['dh_vs_segmentation']['value'] is None

@@ -248,3 +248,80 @@ def test_swiftnet_exports_with_parity(tmp_path: Path) -> None:
         assert sidecar.parity[runtime]['label_agreement'] >= 0.999
         assert sidecar.parity[runtime]['score_diff_over_std'] <= 1e-3
     assert sidecar.training['network']['num_classes'] == 12
+
+
+def _refuse(*args: object) -> None:
+    raise AssertionError('an ONNX-only export must not touch the .pt2 path')
+
+
+def test_onnx_only_export_replaces_a_full_artifact(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = DeployModel(tiny_segmenter(), 'DH')
+    full = export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1)
+    assert full.formats == ('onnx', 'pt2')
+    assert full.parity['formats_checked'] == ['onnx', 'pt2']
+    monkeypatch.setattr(export, '_export_pt2', _refuse)
+    monkeypatch.setattr(export, '_pt2_runner', _refuse)
+    sidecar = export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1,
+                              thresholds={'tpr95': -3.0}, formats=('onnx',))
+    # The .pt2 of the first export no longer belongs to m.onnx: it is gone, not left unlisted.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m.json', 'm.onnx']
+    assert read_sidecar(tmp_path / 'm.json') == sidecar
+    assert sidecar.formats == ('onnx',) and not sidecar.has('pt2')
+    document = json.loads((tmp_path / 'm.json').read_text())
+    assert document['schema_version'] == 1 and list(document['files']) == ['onnx']
+    parity = sidecar.parity
+    assert parity['formats_checked'] == ['onnx'] and 'torch_export' not in parity
+    assert parity['onnxruntime']['label_agreement'] >= 0.999
+    assert parity['onnxruntime']['score_diff_over_std'] <= 1e-3
+    assert parity['threshold'] == -3.0
+    # The graph is the model: ONNX Runtime on a fresh image agrees with eager torch.
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / 'm.onnx'),
+                                           providers=['CPUExecutionProvider'])
+    image = road_like_images(1, 64, 96, seed=7)
+    labels, score = session.run(['labels', 'anomaly_score'],
+                                {'image': image.transpose(0, 3, 1, 2).astype(np.float32)})
+    ref_labels, ref_score = _eager(model, image)
+    assert np.mean(labels == ref_labels) >= 0.999
+    np.testing.assert_allclose(score, ref_score, atol=1e-4)
+
+
+def test_failed_onnx_only_export_keeps_the_full_artifact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = DeployModel(tiny_segmenter(), 'MSP')
+    first = export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken_runner(path: Path):  # noqa: ANN202
+        return lambda image: (np.zeros(image.shape[:1] + image.shape[2:], np.int32),
+                              np.zeros(image.shape[:1] + image.shape[2:], np.float32))
+
+    monkeypatch.setattr(export, '_onnx_runner', broken_runner)
+    monkeypatch.setattr(export, '_export_pt2', _refuse)
+    with pytest.raises(ArtifactError, match='onnxruntime: labels agree') as error:
+        export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1,
+                        formats=('onnx',))
+    assert 'torch_export' not in str(error.value)
+    # Neither half an artifact nor a lost .pt2: every file as before.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert read_sidecar(tmp_path / 'm.json') == first
+
+
+@pytest.mark.parametrize(('formats', 'message'), [
+    ((), r'lack \['),
+    (('pt2',), r"lack \['onnx'\].*--formats onnx"),
+    (('onnx', 'tflite'), r"unknown export format\(s\) \['tflite'\]"),
+])
+def test_bad_formats_are_refused(tmp_path: Path, formats: tuple[str, ...],
+                                 message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_artifact(DeployModel(tiny_segmenter(), 'DH'), tmp_path / 'x', size=(64, 96),
+                        formats=formats)
+    _assert_nothing_written(tmp_path)
+
+
+def test_formats_are_normalised() -> None:
+    assert export.check_formats(('pt2', 'onnx', 'pt2')) == ('onnx', 'pt2')
+    assert export.check_formats('onnx') == ('onnx',)
+    assert export.check_formats(' onnx , pt2 ') == ('onnx', 'pt2')

@@ -292,3 +292,43 @@ def test_cli_runs_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert 'NOTE: no calibration data' in out
     assert cli.main(['export', '--random-init', '--out', str(tmp_path / 'j')]) == 2
     assert '--config' in capsys.readouterr().err
+
+
+def test_formats_onnx_exports_every_graph_without_pt2(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list = []
+    monkeypatch.setattr('training.export.export_artifact', recording_export(calls))
+    default = export_command.run(parse('--random-init', '--config',
+                                       str(CONFIGS / 'densehybrid.yaml'), '--out',
+                                       str(tmp_path / 'm'), '--size', '32x64'))
+    assert calls[0]['formats'] == ('onnx', 'pt2') and default['formats'] == ['onnx', 'pt2']
+    assert set(default['parity']['DH']) == {'onnxruntime', 'torch_export'}
+    calls.clear()
+    report = export_command.run(parse('--random-init', '--config',
+                                      str(CONFIGS / 'densehybrid.yaml'), '--out',
+                                      str(tmp_path / 'm'), '--size', '32x64', '--all-scores',
+                                      '--formats', 'onnx'))
+    assert len(calls) == 5 and all(c['formats'] == ('onnx',) for c in calls)
+    assert report['formats'] == ['onnx']
+    # Only what was checked is reported (the stand-in returns both blocks).
+    assert all(set(p) == {'onnxruntime'} for p in report['parity'].values())
+    assert any('--formats onnx: no NAME.pt2' in note for note in report['notes'])
+    human = export_command.format_human(report)
+    assert 'formats: onnx\n' in human and 'torch_export' not in human
+    assert 'NOTE: --formats onnx: no NAME.pt2' in human
+
+
+def test_formats_option_is_checked() -> None:
+    assert parse('--random-init', '--out', 'x').formats == ('onnx', 'pt2')
+    assert parse('--random-init', '--out', 'x', '--formats', 'pt2,onnx').formats == \
+        ('onnx', 'pt2')
+    assert parse('--random-init', '--out', 'x', '--formats', 'onnx').formats == ('onnx',)
+    for bad in ('pt2', 'onnx,tflite', ''):
+        with pytest.raises(argparse.ArgumentTypeError, match='formats must be onnx or onnx,pt2'):
+            export_command.parse_formats(bad)
+        with pytest.raises(SystemExit):
+            parse('--random-init', '--out', 'x', '--formats', bad)
+    args = parse('--random-init', '--out', 'x')
+    args.formats = ('pt2',)
+    with pytest.raises(ConfigError, match='every artifact ships NAME.onnx'):
+        export_command.run(args)
