@@ -18,12 +18,12 @@ RAW_CLASS_NAMES: dict[int, str] = {
     13: 'traffic sign', 14: 'anomaly',
 }
 
-# CARLA's semantic palette (RGB) for the raw ids; the anomaly colour stands out on purpose.
+# CARLA's semantic palette (RGB) for the raw ids; the anomaly colour (cyan) is used by no class.
 RAW_PALETTE: dict[int, tuple[int, int, int]] = {
     1: (0, 0, 0), 2: (70, 70, 70), 3: (190, 153, 153), 4: (250, 170, 160), 5: (220, 20, 60),
     6: (153, 153, 153), 7: (157, 234, 50), 8: (128, 64, 128), 9: (244, 35, 232),
     10: (107, 142, 35), 11: (0, 0, 142), 12: (102, 102, 156), 13: (220, 220, 0),
-    14: (255, 0, 255),
+    14: (0, 255, 255),
 }
 
 MAPPINGS = ('densehybrid12', 'creators13')

@@ -67,7 +67,7 @@ class FramePipeline:
                  palette: Sequence[Sequence[int]], void_id: int = 255,
                  crop: Sequence[int] | None = None, output_resolution: str = 'input',
                  threshold: float = 0.0, overlay_alpha: float = 0.5,
-                 anomaly_color: Sequence[int] = (255, 0, 255)) -> None:
+                 anomaly_color: Sequence[int] = (0, 255, 255)) -> None:
         size = tuple(int(v) for v in segmenter.input_size)
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f'segmenter.input_size must be (H, W) > 0, got {size}')

@@ -438,7 +438,7 @@ def test_frame_outputs_encodings_sizes_headers_and_values(core: NodeCore,
     colour = decode_image(transport.last('semantic_color'), 'native')
     assert np.all(colour == (0, 0, 142))
     overlay = decode_image(transport.last('overlay'), 'native')
-    assert np.all(overlay == (255, 0, 255))  # anomalous everywhere: the anomaly colour
+    assert np.all(overlay == (0, 255, 255))  # anomalous everywhere: the anomaly colour
 
     # A threshold change takes effect on the next frame.
     assert core.update_parameters({'anomaly_threshold': 'fpr1'}) is None

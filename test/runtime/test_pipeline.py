@@ -13,7 +13,7 @@ from anomaly_seg_node.pipeline import OUTPUTS, FramePipeline, scale_camera_info
 CLASSES = ['road', 'car', 'building', 'person', 'sky', 'pole']
 PALETTE = [(128, 64, 128), (0, 0, 142), (70, 70, 70), (220, 20, 60), (70, 130, 180),
            (153, 153, 153)]
-ANOMALY = (255, 0, 255)
+ANOMALY = (0, 255, 255)
 
 
 class FakeSegmenter:

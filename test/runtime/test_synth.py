@@ -183,8 +183,8 @@ def test_preview_shows_the_anomaly_colour(dataset: Path, tmp_path: Path) -> None
     out = render_preview(dataset, tmp_path / 'sheet.png', n=4)
     sheet = cv2.cvtColor(cv2.imread(str(out), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert sheet.shape == (4 * (160 + 4), 960, 3)
-    magenta = np.all(sheet == (255, 0, 255), axis=2)
-    assert magenta[:, 640:].any()  # the anomaly column of the test rows
+    cyan = np.all(sheet == (0, 255, 255), axis=2)
+    assert cyan[:, 640:].any()  # the anomaly column of the test rows
     with pytest.raises(DataError, match='StreetHazards'):
         render_preview(tmp_path, tmp_path / 'x.png')
 

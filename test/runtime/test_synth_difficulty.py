@@ -90,7 +90,7 @@ def test_boosted_trees_on_held_out_test_images_stay_near_chance(
 
 
 def test_oracle_finds_anomalies_that_colour_gives_away(test_split: list) -> None:
-    # positive control: paint the same anomaly pixels in the palette's magenta plus noise
+    # positive control: paint the same anomaly pixels in the palette's cyan plus noise
     rng = np.random.default_rng(0)
     painted = []
     for image, label in test_split:
