@@ -10,6 +10,7 @@ ONNX-only artifact (exported with `--formats onnx`) runs in onnxruntime only: to
 refuse it, and auto passes them over, saying so in its reason.
 """
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
 import hashlib
@@ -44,7 +45,7 @@ class SegResult:
     anomaly_score: np.ndarray
 
 
-class Segmenter:
+class Segmenter(abc.ABC):
     """Base of the backends: input checks, padding to the artifact's batch, result assembly."""
 
     backend = 'none'
@@ -104,9 +105,9 @@ class Segmenter:
                 f'at most {self.batch} frames per call (re-export with --batch to change it)')
         return frames
 
+    @abc.abstractmethod
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the graph on exactly `batch` uint8 frames `[B, H, W, 3]`."""
-        raise NotImplementedError
 
 
 def cannot_run(sidecar: Sidecar, backend: str) -> str:
