@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report['replay'] = _replay(Path(bag['out']), artifact, out / 'replay')
     else:
         print(f'[3/3] skipped: no demo artifact at {artifact}')
-        report['replay'] = ('skipped: no artifact; train and export one '
-                            '(README "Training"), then pass --artifact NAME.json')
+        report['replay'] = ('skipped: no artifact; train and export one (README "Quick start '
+                            'without a data set"), then pass --artifact NAME.json')
     report['seconds'] = round(time.perf_counter() - start, 1)
     return report
 
