@@ -11,6 +11,7 @@ skipped and the report says how to make one.
 
 import argparse
 from pathlib import Path
+import sys
 import time
 from typing import Any
 
@@ -39,12 +40,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {'out': str(out)}
 
-    print(f'[1/3] synthetic drive: {args.frames} frames of {args.size[0]}x{args.size[1]}')
+    print(f'[1/3] synthetic drive: {args.frames} frames of {args.size[0]}x{args.size[1]}',
+          file=sys.stderr)
     bag = write_bag(out / 'drive_bag', frames=args.frames, size=args.size, storage='mcap',
                     encoding='rgb8', compressed=True, seed=args.seed, overwrite=True)
     report['bag'] = {'path': bag['out'], 'frames': args.frames, 'seconds': bag['seconds']}
 
-    print('[2/3] synthetic StreetHazards set and preview')
+    print('[2/3] synthetic StreetHazards set and preview', file=sys.stderr)
     data = write_dataset(out / 'dataset', train=6, val=2, test=4, size=args.size,
                          seed=args.seed, overwrite=True)
     preview = render_preview(out / 'dataset', out / 'preview.png', n=4)
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     artifact = Path(args.artifact)
     if artifact.is_file():
-        print(f'[3/3] replay through {artifact} (onnxruntime, CPU)')
+        print(f'[3/3] replay through {artifact} (onnxruntime, CPU)', file=sys.stderr)
         report['replay'] = _replay(Path(bag['out']), artifact, out / 'replay')
     else:
-        print(f'[3/3] skipped: no demo artifact at {artifact}')
+        print(f'[3/3] skipped: no demo artifact at {artifact}', file=sys.stderr)
         report['replay'] = ('skipped: no artifact; train and export one (README "Quick start '
                             'without a data set"), then pass --artifact NAME.json')
     report['seconds'] = round(time.perf_counter() - start, 1)
