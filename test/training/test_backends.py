@@ -149,10 +149,10 @@ def test_sidecar_object_is_accepted(artifact: Path, frames: np.ndarray) -> None:
 
 
 def test_engine_path_is_in_the_cache_dir(artifact: Path, tmp_path: Path) -> None:
-    if importlib.util.find_spec('torch_tensorrt') is None:
-        pytest.skip('the engine key names the torch_tensorrt version')
-    path = backends.engine_path(read_sidecar(artifact), 'fp16', tmp_path)
-    assert path.parent == tmp_path and path.name.startswith('tiny.') and 'fp16' in path.name
+    environment = {'gpu': 'NVIDIA H200', 'compute_capability': '9.0', 'torch': '2.14.1',
+                   'torch_tensorrt': '2.14.0', 'tensorrt': '10.13'}
+    path = backends.engine_path(read_sidecar(artifact), 'fp16', tmp_path, environment)
+    assert path.parent == tmp_path and path.name.startswith('tiny.nvidia-h200.fp16.')
     assert path.suffix == '.pt2'
 
 
