@@ -163,17 +163,19 @@ def test_label_and_mask_disagreement_fails(tmp_path: Path,
     _assert_nothing_written(tmp_path)
 
 
+def _zero_runner(path: Path):  # noqa: ANN202
+    """A broken exported graph: all-zero labels and scores."""
+    return lambda image: (np.zeros(image.shape[:1] + image.shape[2:], np.int32),
+                          np.zeros(image.shape[:1] + image.shape[2:], np.float32))
+
+
 def test_failed_export_keeps_the_previous_artifact(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model = DeployModel(tiny_segmenter(), 'MSP')
     first = export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def broken_runner(path: Path):  # noqa: ANN202
-        return lambda image: (np.zeros(image.shape[:1] + image.shape[2:], np.int32),
-                              np.zeros(image.shape[:1] + image.shape[2:], np.float32))
-
-    monkeypatch.setattr(export, '_pt2_runner', broken_runner)
+    monkeypatch.setattr(export, '_pt2_runner', _zero_runner)
     with pytest.raises(ArtifactError, match='torch_export: labels agree'):
         export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -293,11 +295,7 @@ def test_failed_onnx_only_export_keeps_the_full_artifact(
     first = export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def broken_runner(path: Path):  # noqa: ANN202
-        return lambda image: (np.zeros(image.shape[:1] + image.shape[2:], np.int32),
-                              np.zeros(image.shape[:1] + image.shape[2:], np.float32))
-
-    monkeypatch.setattr(export, '_onnx_runner', broken_runner)
+    monkeypatch.setattr(export, '_onnx_runner', _zero_runner)
     monkeypatch.setattr(export, '_export_pt2', _refuse)
     with pytest.raises(ArtifactError, match='onnxruntime: labels agree') as error:
         export_artifact(model, tmp_path / 'm', size=(64, 96), check_images=1,
