@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='training config YAML (required with --random-init; with '
                              '--checkpoint the stored config is used)')
     parser.add_argument('--out', required=True, metavar='models/NAME',
-                        help='artifact stem: writes NAME.onnx, NAME.pt2 and NAME.json')
+                        help='artifact stem: writes NAME.onnx, NAME.json and, unless '
+                             '--formats onnx, NAME.pt2')
     parser.add_argument('--formats', type=parse_formats, default=FORMATS, metavar='onnx[,pt2]',
                         help='model files to write and check (default onnx,pt2); onnx alone '
                              'makes an ONNX Runtime-only artifact without NAME.pt2, which the '
