@@ -32,6 +32,8 @@ MODEL_FILE_KINDS = ('onnx', 'pt2')
 # ONNX Runtime, the vehicle's CPU path, needs only the .onnx; the .pt2 may be left out.
 REQUIRED_FILE_KINDS = ('onnx',)
 OUTPUT_NAMES = ('labels', 'anomaly_score')
+# Where the graph computes the score (ScoreSpec.resolution).
+SCORE_RESOLUTIONS = ('input', 'stride4')
 OUTPUT_DTYPES = {'labels': 'int32', 'anomaly_score': 'float32'}
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
 
@@ -44,12 +46,18 @@ def missing_format_fix(kind: str) -> str:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """What `anomaly_score` means: score name, units and temperature (None = not used)."""
+    """What `anomaly_score` means: score name, units and temperature (None = not used).
+
+    `resolution`: 'input' computes the score on the logits upsampled to the input size (the
+    paper); 'stride4' on the decoder's stride-4 logits, the score map then upsampled
+    bilinearly (SCORE_RESOLUTIONS; a sidecar without the field is 'input').
+    """
 
     name: str
     units: str
     temperature: float | None = None
     higher_is_more_anomalous: bool = True
+    resolution: str = 'input'
 
 
 @dataclass(frozen=True)
@@ -267,7 +275,9 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         name=check.get(score_doc, 'name', str, 'score.'),
         units=check.get(score_doc, 'units', str, 'score.'),
         temperature=None if temperature is None else float(temperature),
-        higher_is_more_anomalous=True)
+        higher_is_more_anomalous=True,
+        resolution=check.choice(score_doc, 'resolution', SCORE_RESOLUTIONS, 'score.',
+                                default='input'))
 
     input_doc = check.get(document, 'input', Mapping)
     fixed = {'name': 'image', 'dtype': 'float32', 'layout': 'NCHW', 'channels': 'RGB'}
@@ -379,6 +389,15 @@ class _Checker:
             self.fail(prefix + key, _type_words(kinds), value)
         if not isinstance(value, kinds):
             self.fail(prefix + key, _type_words(kinds), value)
+        return value
+
+    def choice(self, document: Mapping, key: str, choices: tuple[str, ...], prefix: str = '',
+               default: str | None = None) -> str:
+        if key not in document and default is not None:
+            return default
+        value = self.get(document, key, str, prefix)
+        if value not in choices:
+            self.fail(prefix + key, f'one of {list(choices)}', value)
         return value
 
     def positive_int(self, document: Mapping, key: str, prefix: str = '') -> int:

@@ -26,12 +26,12 @@ from torch import nn
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
 from anomaly_seg_node.metrics import PooledOOD
+from training.export import SEGMENTATION, segmenter_scores
 
 TPR = 0.95
 FPR_THRESHOLDS = {'fpr1': 0.01, 'fpr0.1': 0.001}
 SYNTHETIC_QUANTILES = {'synthetic_q95': 0.05, 'synthetic_q99': 0.01, 'synthetic_q99.9': 0.001}
 SYNTHETIC_DEFAULT = 'synthetic_q99'
-SEGMENTATION = 'segmentation'
 # 2**18 bins: thresholds within 0.2% (relative) of the exact ones, 4 MiB per accumulator.
 POOL_BITS = 18
 # Labels of the pooled accumulators.
@@ -50,26 +50,25 @@ class Calibration:
 
 
 class ScoreMaps:
-    """segmenter + scores: uint8 RGB `[H, W, 3]` -> {score: float32 [H, W]}, one forward pass."""
+    """segmenter + scores: uint8 RGB `[H, W, 3]` -> {score: float32 [H, W]}, one forward pass.
+
+    The scores are computed as the deploy graph computes them (`segmenter_scores` at
+    `resolution`), so the thresholds fit the exported artifact.
+    """
 
     def __init__(self, segmenter: nn.Module, scores: Sequence[str],
-                 temperatures: Mapping[str, float | None]) -> None:
-        from training import scores as score_module
-
+                 temperatures: Mapping[str, float | None], resolution: str = 'input') -> None:
         self.segmenter = segmenter.eval()
         self.scores = [s for s in scores if s != SEGMENTATION]
         self.temperatures = dict(temperatures)
-        self._anomaly_score = score_module.anomaly_score
+        self.resolution = resolution
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
         with torch.inference_mode():
-            out = self.segmenter(x)
-            logits = out['logits']  # [1, K, H, W]
-            outlier = out.get('outlier_logits')
-            return {s: self._anomaly_score(s, logits, outlier,
-                                           self.temperatures.get(s))[0].numpy()
-                    for s in self.scores}
+            _, maps = segmenter_scores(self.segmenter, x, self.scores, self.temperatures,
+                                       self.resolution)
+        return {s: score[0].numpy() for s, score in maps.items()}
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 import re
 from typing import Any
 
+from anomaly_seg_node.artifact import SCORE_RESOLUTIONS
 from anomaly_seg_node.errors import ConfigError
 
 DEFAULT_SIZE = (720, 1280)  # StreetHazards' validation images
@@ -79,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--size', type=parse_size, default=DEFAULT_SIZE, metavar='HxW',
                         help='static input size of the graph (default 720x1280, the '
                              'StreetHazards validation size)')
+    parser.add_argument('--score-resolution', choices=SCORE_RESOLUTIONS, default='stride4',
+                        help="where the graph computes the score: 'stride4' (default: on the "
+                             "decoder's stride-4 logits, the score map then upsampled "
+                             "bilinearly; DH costs 1.8%% over segmentation alone instead of "
+                             "10%%, same AP) or 'input' (the paper: on the logits upsampled to "
+                             'the input size)')
     parser.add_argument('--batch', type=int, default=1, metavar='K',
                         help='static batch of the graph (default 1)')
     parser.add_argument('--calibration-data', metavar='DIR',
@@ -134,7 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     size = tuple(args.size)
     notes = []
-    score_maps = ScoreMaps(segmenter, exports, temperatures)
+    resolution = args.score_resolution
+    score_maps = ScoreMaps(segmenter, exports, temperatures, resolution)
     torch.manual_seed(args.seed)
     if args.calibration_data is None and (args.random_init or args.synthetic_thresholds):
         calibration = calibrate_synthetic(score_maps, size, seed=args.seed + 1)
@@ -166,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     thresholds: dict[str, Any] = {}
     for score in exports:
         stem = out if score == main_score else sibling_stem(out, score)
-        model = DeployModel(segmenter, score, temperatures.get(score))
+        model = DeployModel(segmenter, score, temperatures.get(score), resolution)
         score_thresholds = calibration.thresholds.get(score, {})
         sidecar = export_artifact(
             model, stem, size=size, batch=args.batch,
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'score': main_score,
         'size': f'{size[0]}x{size[1]}',
         'batch': args.batch,
+        'score_resolution': resolution,
         'formats': list(formats),
         'source': origin['source'],
         'calibration': calibration.info.get('source'),
@@ -205,7 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_human(report: dict[str, Any]) -> str:
-    lines = [f"exported {report['artifact']} (score {report['score']}, {report['size']}, "
+    lines = [f"exported {report['artifact']} (score {report['score']} at "
+             f"{report['score_resolution']} resolution, {report['size']}, "
              f"batch {report['batch']}) from {report['source']}",
              f"formats: {', '.join(report['formats'])}"]
     for score, path in report['artifacts'].items():

@@ -151,6 +151,8 @@ ILL_TYPED = [
     ('score', 'DH', 'an object'),
     ('score.temperature', 'two', 'a number or null'),
     ('score.higher_is_more_anomalous', False, 'true'),
+    ('score.resolution', 'stride8', r"one of \['input', 'stride4'\]"),
+    ('score.resolution', 4, 'a string'),
     ('input.height', 0, 'a positive integer'),
     ('input.width', 64.5, 'an integer'),
     ('input.batch', -1, 'a positive integer'),
@@ -294,7 +296,17 @@ def test_temperature_is_kept(artifact: Path) -> None:
     document['score'] = {'name': 'OP', 'units': 'probability', 'temperature': 2,
                          'higher_is_more_anomalous': True}
     _rewrite(artifact, document)
+    # A sidecar without score.resolution (written before the field existed) reads as 'input'.
     assert read_sidecar(artifact).score == ScoreSpec('OP', 'probability', 2.0)
+    assert read_sidecar(artifact).score.resolution == 'input'
+
+
+def test_score_resolution_round_trips(artifact: Path) -> None:
+    low = dataclasses.replace(_sidecar(), score=ScoreSpec('DH', 'nats', None,
+                                                          resolution='stride4'))
+    path = write_sidecar(low, artifact)
+    assert _document(path)['score']['resolution'] == 'stride4'
+    assert read_sidecar(path).score.resolution == 'stride4'
 
 
 def test_document_is_not_mutated_by_reading(artifact: Path) -> None:

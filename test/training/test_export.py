@@ -252,6 +252,58 @@ def test_swiftnet_exports_with_parity(tmp_path: Path) -> None:
     assert sidecar.training['network']['num_classes'] == 12
 
 
+def _rescaled_swiftnet(seed: int = 0) -> nn.Module:
+    from training.networks.swiftnet import SwiftNet
+
+    torch.manual_seed(seed)
+    net = SwiftNet(12, outlier_head=True).eval()
+    with torch.no_grad():  # several classes and a spread of scores, as a trained model has
+        net.class_head.conv.weight.mul_(20.0)
+        net.outlier_head.conv.weight.mul_(20.0)
+    return net
+
+
+@pytest.mark.parametrize('score', ['DH', 'OPxMS'])
+def test_stride4_scores_are_upsampled_low_resolution_scores(score: str) -> None:
+    from training.scores import anomaly_score
+
+    net = _rescaled_swiftnet()
+    x = torch.from_numpy(road_like_images(1, 64, 96, seed=2)).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        logits, maps = export.segmenter_scores(net, x, [score], {}, 'stride4')
+        low = net.forward_heads(net.forward_features(x))
+        expected = F.interpolate(
+            anomaly_score(score, low['logits'], low['outlier_logits'])[:, None], size=(64, 96),
+            mode='bilinear', align_corners=False)[:, 0]
+        full = net(x)
+        paper = anomaly_score(score, full['logits'], full['outlier_logits'])
+    assert low['logits'].shape[-2:] == (16, 24)
+    torch.testing.assert_close(maps[score], expected)
+    # The labels are the same full-resolution argmax as with scores at the input size.
+    torch.testing.assert_close(logits, full['logits'])
+    # An approximation of the paper's score, not the same map (DH is smooth in the logits; the
+    # MSP factor of OPxMS peaks on class boundaries, which the low resolution smears).
+    assert not torch.allclose(maps[score], paper)
+    if score == 'DH':
+        assert torch.corrcoef(torch.stack([maps[score].flatten(), paper.flatten()]))[0, 1] > 0.9
+    _, at_input = export.segmenter_scores(net, x, [score], {}, 'input')
+    torch.testing.assert_close(at_input[score], paper)
+
+
+def test_stride4_export_records_its_resolution(tmp_path: Path) -> None:
+    model = DeployModel(_rescaled_swiftnet(), 'DH', score_resolution='stride4')
+    sidecar = export_artifact(model, tmp_path / 'low', size=(64, 96), check_images=2,
+                              formats=('onnx',))
+    assert sidecar.score.resolution == 'stride4'
+    assert read_sidecar(tmp_path / 'low.json').score.resolution == 'stride4'
+    assert sidecar.parity['onnxruntime']['score_diff_over_std'] <= 1e-3
+    assert sidecar.parity['onnxruntime']['label_agreement'] >= 0.999
+    with pytest.raises(ConfigError, match='forward_features'):
+        DeployModel(tiny_segmenter(), 'DH', score_resolution='stride4')
+    with pytest.raises(ConfigError, match='unknown score resolution'):
+        DeployModel(tiny_segmenter(), 'DH', score_resolution='stride8')
+
+
 def _refuse(*args: object) -> None:
     raise AssertionError('an ONNX-only export must not touch the .pt2 path')
 

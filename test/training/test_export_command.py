@@ -41,8 +41,10 @@ def rescaled_swiftnet(num_classes: int = 12, seed: int = 0) -> SwiftNet:
     return model.eval()
 
 
-def eager_scores(model: torch.nn.Module, images: np.ndarray, score: str = 'DH') -> np.ndarray:
-    deploy = DeployModel(model, score)
+def eager_scores(model: torch.nn.Module, images: np.ndarray, score: str = 'DH',
+                 resolution: str = 'stride4') -> np.ndarray:
+    """The deploy graph's scores; 'stride4' is the export's default score resolution."""
+    deploy = DeployModel(model, score, score_resolution=resolution)
     with torch.no_grad():
         _, scores = deploy(torch.from_numpy(images).permute(0, 3, 1, 2).float())
     return scores.numpy()
@@ -156,6 +158,7 @@ def recording_export(calls: list) -> object:
 
     def export(model, stem, **kwargs):
         calls.append({'stem': Path(stem), 'score': model.score_name,
+                      'resolution': model.score_resolution,
                       'temperature': model.temperature, **kwargs})
         parity = {'label_agreement': 1.0, 'mask_agreement': 1.0, 'score_diff_over_std': 0.0}
         return types.SimpleNamespace(thresholds=kwargs['thresholds'],
@@ -163,9 +166,10 @@ def recording_export(calls: list) -> object:
     return export
 
 
+@pytest.mark.parametrize('resolution', ['stride4', 'input'])
 def test_checkpoint_export_calibrates_on_a_labelled_split(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          resolution: str) -> None:
     calls: list = []
     monkeypatch.setattr('training.export.export_artifact', recording_export(calls))
     rng = np.random.default_rng(0)
@@ -190,10 +194,12 @@ def test_checkpoint_export_calibrates_on_a_labelled_split(tmp_path: Path,
 
     report = export_command.run(parse('--checkpoint', str(ckpt), '--out',
                                       str(tmp_path / 'trained'), '--size', '64x96',
-                                      '--calibration-data', str(tmp_path / 'cal')))
+                                      '--calibration-data', str(tmp_path / 'cal'),
+                                      '--score-resolution', resolution))
     (call,) = calls
     thresholds, metadata = call['thresholds'], call['metadata']
     assert call['stem'] == tmp_path / 'trained' and call['score'] == 'DH'
+    assert call['resolution'] == resolution == report['score_resolution']
     assert call['size'] == (64, 96) and call['batch'] == 1
     assert report['calibration'] == 'labelled split' and 'notes' not in report
     assert set(thresholds) == {'tpr95', 'fpr1', 'fpr0.1'}
@@ -208,13 +214,13 @@ def test_checkpoint_export_calibrates_on_a_labelled_split(tmp_path: Path,
                 cv2.resize(label, size[::-1], interpolation=cv2.INTER_NEAREST_EXACT))
 
     test = [at_size(i, lab) for i, lab in zip(test_images, test_labels, strict=True)]
-    scores = eager_scores(model, np.stack([i for i, _ in test]))
+    scores = eager_scores(model, np.stack([i for i, _ in test]), resolution=resolution)
     raw = np.stack([lab for _, lab in test])
     ood = np.where(raw == 14, 1, np.where(raw == 4, 2, 0))
     exact_tpr = threshold_at_tpr(scores, ood)
     assert exact_tpr - BIN * abs(exact_tpr) <= thresholds['tpr95'] <= exact_tpr
     val = [at_size(i, lab) for i, lab in zip(val_images, val_labels, strict=True)]
-    val_scores = eager_scores(model, np.stack([i for i, _ in val]))
+    val_scores = eager_scores(model, np.stack([i for i, _ in val]), resolution=resolution)
     inlier = np.stack([lab for _, lab in val]) != 4
     for name, rate in (('fpr1', 0.01), ('fpr0.1', 0.001)):
         exact = threshold_at_fpr(val_scores[inlier], rate)
@@ -288,7 +294,8 @@ def test_cli_runs_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert cli.main(['export', '--random-init', '--config', str(CONFIGS / 'nflowjs.yaml'),
                      '--out', str(tmp_path / 'j'), '--size', '32x64', '--no-progress']) == 0
     out = capsys.readouterr().out
-    assert f'exported {tmp_path / "j.json"} (score JSD, 32x64, batch 1)' in out
+    assert (f'exported {tmp_path / "j.json"} (score JSD at stride4 resolution, 32x64, batch 1)'
+            in out)
     assert 'NOTE: no calibration data' in out
     assert cli.main(['export', '--random-init', '--out', str(tmp_path / 'j')]) == 2
     assert '--config' in capsys.readouterr().err
