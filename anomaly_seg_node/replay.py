@@ -53,6 +53,8 @@ from anomaly_seg_node.pipeline import FramePipeline, FrameResult
 from anomaly_seg_node.replay_outputs import ReplaySink
 
 METRIC_OUTPUTS = ('semantic_mask', 'anomaly_score', 'anomaly_mask')
+# Points of the pooled PR / ROC curve kept in the report (for plots).
+CURVE_POINTS = 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +173,12 @@ class LiveSchedule:
 
 @dataclasses.dataclass
 class Frame:
-    """One camera frame read from the bag; ``label`` is the matched label message or None."""
+    """One camera frame read from the bag; ``label`` is the matched label message or None.
+
+    While the sinks see a processed frame, ``image`` holds its decoded RGB uint8 `[H, W, 3]` and
+    ``anomaly_target`` its labelled anomaly target (uint8 1 anomaly / 0 inlier / ignore, at the
+    image size) when it has labels; both are dropped afterwards to keep memory flat.
+    """
 
     index: int
     bag_ns: int
@@ -180,6 +187,8 @@ class Frame:
     frame_id: str = ''
     label: Any = None
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    image: np.ndarray | None = None
+    anomaly_target: np.ndarray | None = None
 
 
 class StampMatcher:
@@ -307,10 +316,12 @@ class FrameEvaluator:
         self.closed = ConfusionMatrix(k, labels.ignore)
         self.open_set = OpenSetConfusion(k, self.threshold, labels.ignore)
         self.frames = 0
+        self.pixels = {'anomaly': 0, 'inlier': 0}
 
     def update(self, semantic_mask: np.ndarray, anomaly_score: np.ndarray,
-               raw_labels: np.ndarray) -> dict[str, Any]:
-        """Add one frame (all at the same resolution); returns its own metrics."""
+               raw_labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """Add one frame (all at the same resolution); returns its own metrics and its anomaly
+        target (uint8 1 anomaly / 0 inlier / ignore)."""
         k = len(self.classes)
         closed, anomaly, open_set = self.labels.targets(raw_labels, k)
         frame = self.per_image.update(anomaly_score, anomaly)
@@ -318,14 +329,21 @@ class FrameEvaluator:
         self.closed.update(semantic_mask, closed)
         self.open_set.update(semantic_mask, anomaly_score, open_set)
         self.frames += 1
-        out: dict[str, Any] = {'n_anomaly_pixels': int(np.count_nonzero(anomaly == 1))}
+        n_anomaly = int(np.count_nonzero(anomaly == 1))
+        self.pixels['anomaly'] += n_anomaly
+        self.pixels['inlier'] += int(np.count_nonzero(anomaly == 0))
+        out: dict[str, Any] = {'n_anomaly_pixels': n_anomaly}
         if frame is not None:
             out.update({key: frame[key] for key in ('ap', 'auroc', 'fpr95')})
-        return out
+        return out, anomaly
 
     def compute(self) -> dict[str, Any]:
-        result: dict[str, Any] = {'frames': self.frames, 'threshold': self.threshold,
-                                  'labels': self.labels.name}
+        labelled = self.pixels['anomaly'] + self.pixels['inlier']
+        result: dict[str, Any] = {
+            'frames': self.frames, 'threshold': self.threshold, 'labels': self.labels.name,
+            # The AP of a random score: the share of anomaly pixels among the scored ones.
+            'anomaly_pixel_share': self.pixels['anomaly'] / labelled if labelled else None,
+        }
         for key, metric in (('per_image', self.per_image), ('pooled', self.pooled),
                             ('closed', self.closed), ('open_set', self.open_set)):
             try:
@@ -334,6 +352,10 @@ class FrameEvaluator:
                 result[key] = {'error': str(error)}
         if 'iou' in result['closed']:
             result['closed']['classes'] = self.classes
+        if 'ap' in result['pooled']:
+            curve = self.pooled.curve_points(CURVE_POINTS)
+            result['pooled']['curve'] = {key: [round(float(v), 6) for v in values]
+                                         for key, values in curve.items()}
         return result
 
 
@@ -548,8 +570,10 @@ class Replay:
                        'timings_ms': {k: round(v, 3) for k, v in result.timings_ms.items()}})
         self.processed += 1
         self._evaluate(frame, rgb.shape[:2], result)
+        frame.image = rgb
         for sink in self.sinks:
             sink.on_result(frame, result)
+        frame.image = frame.anomaly_target = None
         self._sample_memory()
         return int(round(process_s * 1e9))
 
@@ -577,8 +601,9 @@ class Replay:
                 f'{size[0]}x{size[1]}; labels must have the camera resolution (record them at '
                 'the image size or pass the matching --label-topic)')
         self.with_label += 1
-        frame.record.update(self.evaluator.update(result.semantic_mask, result.anomaly_score,
-                                                  raw))
+        figures, frame.anomaly_target = self.evaluator.update(
+            result.semantic_mask, result.anomaly_score, raw)
+        frame.record.update(figures)
 
     def _done(self, frame: Frame, arrival: int, start: int, finish: int) -> None:
         record = frame.record

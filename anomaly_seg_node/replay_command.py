@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '%(default)s)')
     parser.add_argument('--video', action='store_true',
                         help='also write OUT/overlay.mp4 (mp4v) of the overlay')
+    parser.add_argument('--contact-sheet', action='store_true',
+                        help='also write OUT/contact_sheet.png: evenly spaced frames with the '
+                             'camera image, the semantic and anomaly overlay and the score heat '
+                             'map with the labelled anomalies outlined')
     parser.add_argument('--max-frames', type=int, default=None,
                         help='stop after this many camera frames')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from anomaly_seg_node.errors import BagError
     from anomaly_seg_node.pipeline import FramePipeline
     from anomaly_seg_node.replay import Replay
-    from anomaly_seg_node.replay_outputs import BagSink, VideoSink
+    from anomaly_seg_node.replay_outputs import BagSink, ContactSheetSink, VideoSink
 
     sidecar = read_sidecar(args.artifact)
     threshold, threshold_source = _threshold(sidecar, args.threshold, resolve_threshold)
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     want = ['semantic_mask', 'anomaly_score', 'anomaly_mask']
     if args.video:
         sinks['video'] = VideoSink(out / 'overlay.mp4')
+        want.append('overlay')
+    if getattr(args, 'contact_sheet', False):
+        sinks['contact_sheet'] = ContactSheetSink(out / 'contact_sheet.png')
         want.append('overlay')
     if args.write_bag:
         sinks['bag'] = BagSink(out / 'output_bag', namespace=args.output_namespace)
@@ -181,6 +188,8 @@ def summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
             for key in keys:
                 if key in block:
                     headline[f'{section}.{key}'] = block[key]
+        if metrics.get('anomaly_pixel_share') is not None:
+            headline['anomaly_pixel_share'] = metrics['anomaly_pixel_share']
         result['metrics'] = headline
     if 'growth_mb' in report.get('memory', {}):
         result['memory_growth_mb'] = report['memory']['growth_mb']
@@ -231,7 +240,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if 'skipped' in metrics:
         lines += [f'Skipped: {metrics["skipped"]}', '']
     else:
-        lines += [f'{metrics.get("frames", 0)} labelled frames, labels: {metrics.get("labels")}',
+        lines += [f'{metrics.get("frames", 0)} labelled frames, labels: {metrics.get("labels")}, '
+                  f'anomaly pixel share (the AP of chance): '
+                  f'{_fmt(metrics.get("anomaly_pixel_share"))}',
                   '', '| protocol | AP | AUROC | FPR95 |', '|---|---|---|---|']
         for section in ('per_image', 'pooled'):
             block = metrics.get(section, {})

@@ -1,4 +1,4 @@
-"""What the replay writes besides its report: the overlay video and an output bag.
+"""What the replay writes besides its report: the overlay video, a contact sheet, an output bag.
 
 ROS-free and torch-free sinks of :class:`anomaly_seg_node.replay.Replay`; neither ever stops
 the replay (a write failure is recorded and stops that output only).
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
+from anomaly_seg_node.artifact import atomic_write_bytes
 from anomaly_seg_node.bag_reader import BagSource, Topic
 from anomaly_seg_node.errors import BagError
 from anomaly_seg_node.image_codec import encode_image, to_message
@@ -105,6 +106,96 @@ class VideoSink:
             self.partial.unlink(missing_ok=True)
         return {'path': str(self.path) if self.frames else None, 'frames': self.frames,
                 'fps': self.fps, 'codec': 'mp4v', 'error': self.error}
+
+
+class ContactSheetSink:
+    """A PNG of evenly spaced processed frames, one row each: the camera image | the overlay
+    (semantic colours, predicted anomalies in the anomaly colour) | the anomaly score as a heat
+    map with the labelled anomalies outlined in white (when the bag has labels).
+
+    Memory stays bounded on any bag length: every ``stride``-th frame is kept and, when
+    2 x ``rows`` are held, every other one is dropped and the stride doubled. The heat maps of
+    one sheet share one colour scale (the 1st to 99.5th percentile of the kept scores).
+    """
+
+    def __init__(self, path: str | Path, rows: int = 6, tile_width: int = 320) -> None:
+        if rows < 1 or tile_width < 16:
+            raise ValueError(f'rows must be >= 1 and tile_width >= 16, got {rows}, {tile_width}')
+        self.path = Path(path)
+        self.rows, self.tile_width = rows, tile_width
+        self.error: str | None = None
+        self._kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._seen = 0
+        self._stride = 1
+
+    def on_input(self, topic: Topic, bag_ns: int, raw: bytes, source: BagSource) -> None:
+        pass
+
+    def on_result(self, frame: Frame, result: FrameResult) -> None:
+        image, score = frame.image, result.anomaly_score
+        if image is None or score is None or result.overlay is None:
+            return
+        seen, self._seen = self._seen, self._seen + 1
+        if seen % self._stride:
+            return
+        size = (self.tile_width, max(1, round(image.shape[0] * self.tile_width / image.shape[1])))
+        target = frame.anomaly_target
+        outline = None
+        if target is not None:
+            outline = cv2.resize((target == 1).astype(np.uint8), size,
+                                 interpolation=cv2.INTER_NEAREST)
+        self._kept.append((frame.index, cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+                           cv2.resize(result.overlay, size, interpolation=cv2.INTER_AREA),
+                           cv2.resize(score, size, interpolation=cv2.INTER_AREA), outline))
+        if len(self._kept) >= 2 * self.rows:
+            self._kept = self._kept[::2]
+            self._stride *= 2
+
+    def close(self) -> dict[str, Any]:
+        if not self._kept:
+            return {'path': None, 'frames': [], 'error': self.error}
+        pick = np.unique(np.linspace(0, len(self._kept) - 1, self.rows).round().astype(int))
+        rows = [self._kept[i] for i in pick]
+        scores = np.concatenate([row[3][np.isfinite(row[3])] for row in rows])
+        low, high = (np.percentile(scores, [1.0, 99.5]) if scores.size else (0.0, 1.0))
+        sheet = np.concatenate([self._row(row, low, high) for row in rows])
+        header = self._header(sheet.shape[1])
+        ok, png = cv2.imencode('.png', cv2.cvtColor(np.concatenate([header, sheet]),
+                                                    cv2.COLOR_RGB2BGR))
+        if not ok:
+            self.error = 'OpenCV could not encode the contact sheet as PNG'
+            return {'path': None, 'frames': [], 'error': self.error}
+        try:
+            atomic_write_bytes(self.path, png.tobytes())
+        except OSError as error:
+            self.error = f'cannot write {self.path}: {error}'
+            return {'path': None, 'frames': [], 'error': self.error}
+        return {'path': str(self.path), 'frames': [int(row[0]) for row in rows],
+                'score_range': [float(low), float(high)], 'error': None}
+
+    def _row(self, row: tuple, low: float, high: float) -> np.ndarray:
+        index, image, overlay, score, outline = row
+        scaled = np.clip((np.nan_to_num(score, nan=low) - low) / max(high - low, 1e-12), 0, 1)
+        heat = cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8),
+                                              cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+        if outline is not None:
+            contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(heat, contours, -1, (255, 255, 255), 1)
+        image = image.copy()
+        cv2.putText(image, f'frame {index}', (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        gap = np.zeros((image.shape[0], 4, 3), np.uint8)
+        row = np.concatenate([image, gap, overlay, gap, heat], axis=1)
+        return np.concatenate([row, np.zeros((4, row.shape[1], 3), np.uint8)])
+
+    def _header(self, width: int) -> np.ndarray:
+        header = np.zeros((24, width, 3), np.uint8)
+        titles = ('camera', 'semantic colours + anomaly mask',
+                  'anomaly score (white: labelled anomaly)')
+        for i, title in enumerate(titles):
+            cv2.putText(header, title, (6 + i * (self.tile_width + 4), 16),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1, cv2.LINE_AA)
+        return header
 
 
 class BagSink:

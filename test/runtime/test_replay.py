@@ -186,6 +186,14 @@ def test_metrics_equal_a_direct_computation(bags):
     assert metrics['open_set']['open_miou'] == pytest.approx(
         open_set.compute()['open_miou'], abs=1e-12)
     assert metrics['threshold'] == 0.4
+    anomaly = np.stack([a for _, _, a, _ in direct])
+    assert metrics['anomaly_pixel_share'] == pytest.approx(
+        np.count_nonzero(anomaly == 1) / np.count_nonzero(anomaly <= 1), abs=1e-12)
+    curve = metrics['pooled']['curve']
+    expected = binned.curve_points(400)
+    for key in ('tpr', 'fpr', 'precision'):
+        np.testing.assert_allclose(curve[key], expected[key], atol=1e-6)
+    assert curve['tpr'][-1] == curve['fpr'][-1] == 1.0
 
 
 def _write_custom_bag(path: Path, stamps_images, labels, storage='mcap', size=(8, 10),
@@ -485,10 +493,16 @@ def test_command_writes_metrics_video_and_bag(bags, command_env, tmp_path, capsy
     out = tmp_path / 'out'
     code = cli.main(['--json', 'replay', '--bag', str(bags['sqlite3']), '--artifact',
                      str(command_env), '--out', str(out), '--video', '--write-bag',
-                     '--no-progress'])
+                     '--contact-sheet', '--no-progress'])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed['frames']['processed'] == FRAMES
+    assert 0 < printed['metrics']['anomaly_pixel_share'] < 1
+    sheet = cv2.imread(str(out / 'contact_sheet.png'))
+    picked = json.loads((out / 'metrics.json').read_text())['outputs']['contact_sheet']['frames']
+    assert picked == [0, 1, 3, 4, 6, 7]  # 6 rows of 8 frames, evenly spaced
+    tile_h = round(SIZE[0] * 320 / SIZE[1])
+    assert sheet.shape == (24 + 6 * (tile_h + 4), 3 * 320 + 2 * 4, 3)
     report = json.loads((out / 'metrics.json').read_text())
     assert report['complete'] and report['artifact']['threshold'] == 0.4
     assert report['metrics']['per_image']['n_images'] == FRAMES
@@ -559,3 +573,34 @@ def test_command_threshold_and_label_options(bags, command_env, tmp_path):
     assert result['frames']['processed'] == 3
     assert report['artifact']['threshold'] == 0.25
     assert report['metrics']['labels'] == 'train ids'
+
+
+def test_contact_sheet_keeps_evenly_spaced_frames_in_bounded_memory(tmp_path):
+    from anomaly_seg_node.pipeline import FrameResult
+    from anomaly_seg_node.replay import Frame
+    from anomaly_seg_node.replay_outputs import ContactSheetSink
+
+    sink = ContactSheetSink(tmp_path / 'sheet.png', rows=4, tile_width=40)
+    held = 0
+    for i in range(1000):
+        image = np.full((20, 40, 3), i % 256, np.uint8)
+        target = np.zeros((20, 40), np.uint8)
+        target[5:10, 5:10] = 1
+        frame = Frame(index=i, bag_ns=i, stamp_ns=i, msg=None, image=image,
+                      anomaly_target=target)
+        score = np.linspace(0, 1, 800, dtype=np.float32).reshape(20, 40)
+        sink.on_result(frame, FrameResult(anomaly_score=score, overlay=image))
+        held = max(held, len(sink._kept))
+    assert held < 2 * 4  # never more than 2 x rows frames held
+    info = sink.close()
+    frames = info['frames']
+    assert len(frames) == 4 and frames[0] == 0
+    steps = np.diff(frames)
+    assert steps.min() >= 0.6 * steps.max() and frames[-1] >= 700  # spread over the drive
+    sheet = cv2.imread(info['path'])
+    assert sheet.shape == (24 + 4 * 24, 3 * 40 + 8, 3)
+    # the labelled anomaly is outlined in white in the heat map column
+    heat = cv2.cvtColor(sheet[24:44, 88:128], cv2.COLOR_BGR2RGB)
+    assert (heat[5, 5:10] == 255).all()
+    assert ContactSheetSink(tmp_path / 'none.png').close()['path'] is None
+    assert not (tmp_path / 'none.png').exists()
