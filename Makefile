@@ -8,7 +8,7 @@ ROS_PY := $(ROS_VENV)/bin/python
 PIP_FLAGS ?= -q --progress-bar off
 DEMO_OUT ?= out/demo
 
-.PHONY: install install-ros test lint pytest test-runtime-ros demo clean
+.PHONY: install install-ros test lint pytest test-runtime-ros demo demo-model clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ test: lint pytest test-runtime-ros
 
 demo: install
 	$(VENV)/bin/anomaly-seg demo --out $(DEMO_OUT)
+
+# Rebuilds models/demo.* from nothing (about an hour on 2 CPU cores; resumable).
+demo-model: install
+	bash scripts/build_demo_model.sh
 
 clean:
 	rm -rf $(VENV) $(ROS_VENV) build install log out .pytest_cache .ruff_cache

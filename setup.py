@@ -17,7 +17,9 @@ setup(
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
         ('share/' + package_name + '/config', glob('config/*.yaml')),
-        ('share/' + package_name + '/models', glob('models/*.json')),
+        # Artifacts: sidecars, model cards and their weights (NAME.onnx, NAME.pt2 when shipped).
+        ('share/' + package_name + '/models',
+         sorted(glob('models/*.json') + glob('models/*.onnx') + glob('models/*.pt2'))),
     ],
     install_requires=['setuptools'],
     zip_safe=True,

@@ -1,21 +1,31 @@
 """`anomaly-seg demo`: the newcomer's first run, end to end, on the embedded default.
 
 Part of the command-line composition root (like cli.py): it wires the synthetic generator
-(training.synth, torch-free) and the runtime's rosbag replay together, importing both lazily.
+(training.synth, torch-free), the runtime's rosbag replay and the evaluation plots together,
+importing them lazily.
 
 Steps: a synthetic drive bag -> a small synthetic StreetHazards set with a preview picture ->
 replay of the bag through the demo artifact (models/demo.json) on the CPU with ONNX Runtime,
-writing metrics, a summary and an overlay video. Without a demo artifact the replay step is
-skipped and the report says how to make one.
+writing into OUT the replay's metrics.json, summary.md, frames.jsonl, overlay.mp4 and
+contact_sheet.png -> pr_curves.png and roc_curves.png, and the short table printed at the end.
+
+The table compares the artifact's score with chance (the anomaly pixel share) and with the MSP
+baseline of the same checkpoint. The runtime graph holds one score, so the baseline is measured
+once, when the model is built: `--baseline MSP.json --card models/demo.card.json` replays the
+same drive through the MSP export too and writes the model card that later runs print.
 """
 
 import argparse
+import json
 from pathlib import Path
 import sys
 import time
 from typing import Any
 
 DEFAULT_ARTIFACT = Path(__file__).resolve().parents[1] / 'models' / 'demo.json'
+# The demo's bar (issue 7): the anomaly AP on the drive is at least this many times chance.
+CHANCE_FACTOR = 10.0
+CARD_SCHEMA = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,45 +40,210 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--artifact', type=Path, default=DEFAULT_ARTIFACT,
                         help=f'artifact sidecar to replay (default {DEFAULT_ARTIFACT})')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    parser.add_argument('--baseline', type=Path, default=None, metavar='MSP.json',
+                        help='also replay the drive through this artifact (the MSP export of '
+                             'the same checkpoint) and compare it in the table')
+    parser.add_argument('--card', type=Path, default=None, metavar='NAME.card.json',
+                        help='with --baseline: write the comparison as the model card that '
+                             'later runs of this artifact print (default: none written; '
+                             'read from NAME.card.json beside the artifact)')
+    parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from anomaly_seg_node.errors import ConfigError
     from training.synth import render_preview, write_bag, write_dataset
 
+    if args.card is not None and args.baseline is None:
+        raise ConfigError('--card needs --baseline MSP.json: the card records the baseline '
+                          'measured on the same drive')
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {'out': str(out)}
+    drive = {'frames': args.frames, 'size': list(args.size), 'seed': args.seed}
 
-    print(f'[1/3] synthetic drive: {args.frames} frames of {args.size[0]}x{args.size[1]}',
-          file=sys.stderr)
+    _say(f'[1/4] synthetic drive: {args.frames} frames of {args.size[0]}x{args.size[1]}')
     bag = write_bag(out / 'drive_bag', frames=args.frames, size=args.size, storage='mcap',
-                    encoding='rgb8', compressed=True, seed=args.seed, overwrite=True)
-    report['bag'] = {'path': bag['out'], 'frames': args.frames, 'seconds': bag['seconds']}
+                    encoding='rgb8', compressed=True, seed=args.seed, overwrite=True,
+                    progress=not args.no_progress)
+    report['bag'] = {'path': bag['out'], **drive, 'seconds': bag['seconds']}
 
-    print('[2/3] synthetic StreetHazards set and preview', file=sys.stderr)
+    _say('[2/4] synthetic StreetHazards set and preview')
     data = write_dataset(out / 'dataset', train=6, val=2, test=4, size=args.size,
-                         seed=args.seed, overwrite=True)
+                         seed=args.seed, overwrite=True, progress=False)
     preview = render_preview(out / 'dataset', out / 'preview.png', n=4)
     report['dataset'] = {'path': data['out'], 'preview': str(preview)}
 
     artifact = Path(args.artifact)
-    if artifact.is_file():
-        print(f'[3/3] replay through {artifact} (onnxruntime, CPU)', file=sys.stderr)
-        report['replay'] = _replay(Path(bag['out']), artifact, out / 'replay')
-    else:
-        print(f'[3/3] skipped: no demo artifact at {artifact}', file=sys.stderr)
+    if not artifact.is_file():
+        _say(f'[3/4] skipped: no demo artifact at {artifact}')
         report['replay'] = ('skipped: no artifact; train and export one (README "Quick start '
                             'without a data set"), then pass --artifact NAME.json')
+        report['seconds'] = round(time.perf_counter() - start, 1)
+        return report
+
+    _say(f'[3/4] replay through {artifact} (onnxruntime, CPU)')
+    replay = _replay(Path(bag['out']), artifact, out, outputs=True,
+                     progress=not args.no_progress)
+    full = json.loads((out / 'metrics.json').read_text(encoding='utf-8'))
+    rows = {f'{full["artifact"]["score"]} (this model)': _figures(full)}
+    card_path = args.card or artifact.with_name(f'{artifact.stem}.card.json')
+    baseline_note = None
+    if args.baseline is not None:
+        _say(f'      baseline: replay through {args.baseline}')
+        base_out = out / 'baseline'
+        _replay(Path(bag['out']), Path(args.baseline), base_out, outputs=False,
+                progress=not args.no_progress)
+        base = json.loads((base_out / 'metrics.json').read_text(encoding='utf-8'))
+        rows[f'{base["artifact"]["score"]} (same checkpoint)'] = _figures(base)
+        if args.card is not None:
+            card = {'schema': CARD_SCHEMA, 'artifact_sha256': _onnx_sha(artifact),
+                    'drive': drive, 'rows': rows, 'created': time.strftime('%Y-%m-%d')}
+            _write_json(Path(args.card), card)
+            report['card'] = str(args.card)
+    else:
+        rows, baseline_note = _card_rows(card_path, artifact, drive, rows)
+
+    _say('[4/4] PR and ROC curves')
+    from training.evaluate import plot_curve_points
+
+    pooled = full['metrics'].get('pooled', {})
+    plots = []
+    if 'curve' in pooled:
+        curve = {**pooled['curve'], 'ap': pooled['ap'], 'auroc': pooled['auroc']}
+        plots = [str(p) for p in plot_curve_points({full['artifact']['score']: curve}, out,
+                                                   title='Demo drive, pooled')]
+    share = full['metrics'].get('anomaly_pixel_share')
+    main = next(iter(rows.values()))
+    checks = _checks(main, rows, share)
+    report['replay'] = replay
+    report['table'] = {'rows': rows, 'anomaly_pixel_share': share, 'checks': checks}
+    if baseline_note:
+        report['table']['note'] = baseline_note
+    report['files'] = {'metrics': str(out / 'metrics.json'), 'summary': str(out / 'summary.md'),
+                       'video': str(out / 'overlay.mp4'),
+                       'contact_sheet': str(out / 'contact_sheet.png'), 'plots': plots,
+                       'preview': str(preview)}
+    _write_json(out / 'metrics.json', {**full, 'demo': report['table']})
+    summary = out / 'summary.md'
+    summary.write_text(render_table(report) + '\n' + summary.read_text(encoding='utf-8'),
+                       encoding='utf-8')
     report['seconds'] = round(time.perf_counter() - start, 1)
     return report
 
 
-def _replay(bag: Path, artifact: Path, out: Path) -> dict[str, Any]:
+def format_human(report: dict[str, Any]) -> str:
+    """What `make demo` prints: where things are and the short table."""
+    lines = [f'anomaly-seg demo -> {report["out"]} ({report.get("seconds", 0):.0f} s)']
+    if isinstance(report.get('replay'), str):
+        return '\n'.join([*lines, report['replay']])
+    lines += ['', render_table(report)]
+    files = report['files']
+    lines += ['files:'] + [f'  {key}: {value}' for key, value in files.items()]
+    return '\n'.join(lines)
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The demo's markdown table: each score on the drive against chance and the bar."""
+    table = report['table']
+    replay = report['replay']
+    lines = ['# anomaly-seg demo', '',
+             f'{report["bag"]["frames"]} synthetic frames of {report["bag"]["size"][0]}x'
+             f'{report["bag"]["size"][1]}; inference {replay["latency_ms"]["infer"]["p50"]:.0f}'
+             f' ms per frame (p50, onnxruntime CPU).', '',
+             '| score | per-image AP | pooled AP | FPR95 | AUROC | closed mIoU |',
+             '|---|---:|---:|---:|---:|---:|']
+    for name, fig in table['rows'].items():
+        lines.append(f'| {name} | {_pct(fig.get("ap"))} | {_pct(fig.get("pooled_ap"))} | '
+                     f'{_pct(fig.get("fpr95"))} | {_pct(fig.get("auroc"))} | '
+                     f'{_pct(fig.get("miou"))} |')
+    share = table['anomaly_pixel_share']
+    lines.append(f'| chance (anomaly pixel share) | {_pct(share)} | {_pct(share)} | | 50.00 | |')
+    lines.append('')
+    for check in table['checks']:
+        lines.append(f'- {check["what"]}: {"yes" if check["met"] else "NO"} '
+                     f'({check["detail"]})')
+    if table.get('note'):
+        lines.append(f'- {table["note"]}')
+    return '\n'.join(lines) + '\n'
+
+
+def _replay(bag: Path, artifact: Path, out: Path, outputs: bool,
+            progress: bool) -> dict[str, Any]:
     from anomaly_seg_node import replay_command
 
     parser = argparse.ArgumentParser()
     replay_command.add_arguments(parser)
-    args = parser.parse_args(['--bag', str(bag), '--artifact', str(artifact), '--out', str(out),
-                              '--backend', 'onnxruntime', '--device', 'cpu', '--video'])
-    return replay_command.run(args)
+    argv = ['--bag', str(bag), '--artifact', str(artifact), '--out', str(out),
+            '--backend', 'onnxruntime', '--device', 'cpu']
+    if outputs:
+        argv += ['--video', '--contact-sheet']
+    if not progress:
+        argv.append('--no-progress')
+    return replay_command.run(parser.parse_args(argv))
+
+
+def _figures(report: dict[str, Any]) -> dict[str, float | None]:
+    metrics = report['metrics']
+    per_image, pooled = metrics.get('per_image', {}), metrics.get('pooled', {})
+    return {'ap': per_image.get('ap'), 'fpr95': per_image.get('fpr95'),
+            'auroc': per_image.get('auroc'), 'pooled_ap': pooled.get('ap'),
+            'miou': metrics.get('closed', {}).get('miou')}
+
+
+def _card_rows(card_path: Path, artifact: Path, drive: dict[str, Any],
+               rows: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """This run's row plus the card's baseline rows when the card matches this artifact and
+    drive; else a note saying why no baseline is shown."""
+    if not card_path.is_file():
+        return rows, f'no model card at {card_path}: no baseline row'
+    try:
+        card = json.loads(card_path.read_text(encoding='utf-8'))
+        matches = (card['schema'] == CARD_SCHEMA and card['drive'] == drive
+                   and card['artifact_sha256'] == _onnx_sha(artifact))
+        recorded = list(card['rows'].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return rows, f'model card {card_path} unreadable ({error}): no baseline row'
+    if not matches:
+        return rows, (f'model card {card_path} is for another artifact or drive (--frames, '
+                      '--size, --seed): no baseline row')
+    for name, figures in recorded[1:]:
+        rows[f'{name}, measured at build'] = figures
+    return rows, f'baseline rows from {card_path} (same drive, measured when the model was built)'
+
+
+def _checks(main: dict[str, Any], rows: dict[str, Any],
+            share: float | None) -> list[dict[str, Any]]:
+    checks = []
+    if main.get('ap') is not None and share:
+        checks.append({'what': f'per-image AP >= {CHANCE_FACTOR:g} x anomaly pixel share',
+                       'met': main['ap'] >= CHANCE_FACTOR * share,
+                       'detail': f'{_pct(main["ap"])} vs {_pct(CHANCE_FACTOR * share)}, '
+                                 f'{main["ap"] / share:.1f}x chance'})
+    for name, figures in list(rows.items())[1:]:
+        if main.get('ap') is not None and figures.get('ap') is not None:
+            checks.append({'what': f'per-image AP above {name}',
+                           'met': main['ap'] > figures['ap'],
+                           'detail': f'{_pct(main["ap"])} vs {_pct(figures["ap"])}'})
+    return checks
+
+
+def _onnx_sha(sidecar_path: Path) -> str:
+    from anomaly_seg_node.artifact import read_sidecar
+
+    return read_sidecar(sidecar_path).files['onnx'].sha256
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    from anomaly_seg_node.artifact import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(document, indent=2) + '\n').encode('utf-8'))
+
+
+def _pct(value: float | None) -> str:
+    return '' if value is None else f'{100 * value:.2f}'
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -59,8 +59,11 @@ def test_share_holds_manifest_launch_and_config(install_tree: Path) -> None:
             installed = share / folder / name
             assert installed.is_file(), f'{folder}/{name} is not installed under share/'
             assert installed.read_bytes() == (REPO / folder / name).read_bytes()
-    for sidecar in (REPO / 'models').glob('*.json'):
-        assert (share / 'models' / sidecar.name).is_file()
+    shipped = [p for p in (REPO / 'models').glob('*') if p.suffix in ('.json', '.onnx', '.pt2')]
+    for artifact_file in shipped:
+        installed = share / 'models' / artifact_file.name
+        assert installed.is_file(), f'models/{artifact_file.name} is not installed under share/'
+        assert installed.stat().st_size == artifact_file.stat().st_size
 
 
 def test_ament_index_marker(install_tree: Path) -> None:

@@ -22,7 +22,7 @@ its labels (nearest) and score (bilinear) are resized back to the label size, as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import json
 import os
 from pathlib import Path
@@ -325,26 +325,36 @@ def markdown_table(metrics: dict[str, Any]) -> str:
 
 def plot_curves(pooled: dict[str, PooledOOD], out: Path) -> list[Path]:
     """pr_curves.png and roc_curves.png of the pooled curves, one line per score."""
+    curves = {}
+    for name, acc in pooled.items():
+        curves[name] = {**acc.curve_points(PLOT_POINTS),
+                        **{k: v for k, v in acc.compute().items() if k in ('ap', 'auroc')}}
+    return plot_curve_points(curves, out)
+
+
+def plot_curve_points(curves: Mapping[str, Mapping[str, Any]], out: Path,
+                      title: str = 'Pooled') -> list[Path]:
+    """pr_curves.png and roc_curves.png: per score name, its 'tpr', 'fpr', 'precision' points
+    (highest score first, as `PooledOOD.curve_points`) and its 'ap' and 'auroc'."""
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
     figures = {'pr': plt.subplots(figsize=(5, 4)), 'roc': plt.subplots(figsize=(5, 4))}
-    for name, acc in pooled.items():
-        points = acc.curve_points(PLOT_POINTS)
-        tpr, fpr, precision = points['tpr'], points['fpr'], points['precision']
-        m = acc.compute()
-        figures['pr'][1].plot(tpr, precision, label=f'{name} (AP {100 * m["ap"]:.1f})')
+    for name, curve in curves.items():
+        tpr, fpr = np.asarray(curve['tpr']), np.asarray(curve['fpr'])
+        figures['pr'][1].plot(tpr, np.asarray(curve['precision']),
+                              label=f'{name} (AP {100 * curve["ap"]:.1f})')
         figures['roc'][1].plot(np.r_[0, fpr], np.r_[0, tpr],
-                               label=f'{name} (AUROC {100 * m["auroc"]:.1f})')
+                               label=f'{name} (AUROC {100 * curve["auroc"]:.1f})')
     paths = []
     for kind, (fig, ax) in figures.items():
         if kind == 'pr':
-            ax.set(xlabel='recall', ylabel='precision', title='Pooled precision-recall')
+            ax.set(xlabel='recall', ylabel='precision', title=f'{title} precision-recall')
         else:
             ax.plot([0, 1], [0, 1], color='grey', lw=0.5, ls='--')
             ax.axhline(0.95, color='grey', lw=0.5, ls=':')  # FPR95 is read here
             ax.set(xlabel='false positive rate', ylabel='true positive rate',
-                   title='Pooled ROC')
+                   title=f'{title} ROC')
         ax.set(xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc='best', fontsize=8)
         fig.tight_layout()

@@ -8,6 +8,8 @@ from typing import Any
 
 from anomaly_seg_node.metrics import DEFAULT_FPR_RULE, FPR_RULES
 
+DEFAULT_SCORES = 'DH,OP,OPxMS'  # of a checkpoint; an artifact's default is its own score
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `anomaly-seg evaluate` (no torch import here)."""
@@ -17,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='an exported artifact, run through the deployment backends')
     parser.add_argument('--data', required=True,
                         help='StreetHazards root (holds test/images/test/t5, t6)')
-    parser.add_argument('--scores', default='DH,OP,OPxMS',
+    parser.add_argument('--scores', default=None,
                         help='comma-separated anomaly scores: DH, OP, OPxMS, JSD, MSP, '
-                        'max_logit, energy (default DH,OP,OPxMS; an artifact has one)')
+                        "max_logit, energy (default DH,OP,OPxMS; an artifact's own score)")
     parser.add_argument('--out', required=True, help='folder for metrics.json, table.md, PNGs')
     parser.add_argument('--device', default='auto', help='auto (cuda if present), cpu or cuda')
     parser.add_argument('--backend', default='auto',
@@ -35,7 +37,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate; returns a summary (the full metrics are in OUT/metrics.json)."""
     from training.evaluate import evaluate
     towns = [t.strip() for t in args.towns.split(',') if t.strip()] if args.towns else None
-    metrics = evaluate(args.checkpoint, args.data, args.scores, args.out,
+    scores = args.scores
+    if scores is None:
+        scores = DEFAULT_SCORES
+        if args.artifact is not None:
+            from anomaly_seg_node.artifact import read_sidecar
+            scores = read_sidecar(args.artifact).score.name
+    metrics = evaluate(args.checkpoint, args.data, scores, args.out,
                        artifact=args.artifact, device=args.device, backend=args.backend,
                        towns=towns, limit=args.limit, fpr_rule=args.fpr_rule,
                        progress=not args.no_progress)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Rebuilds models/demo.{onnx,json,card.json} from nothing with the project's own commands
+# (`make demo-model`; about an hour on 2 CPU cores). Every step is seeded; a step whose output
+# exists is skipped, so an interrupted build continues where it stopped (training resumes from
+# its newest checkpoint).
+#
+#   synthetic data (seed 0) and negatives (seed 1)
+#   -> stage 1: closed-set SwiftNet-RN18, 400 steps, then resumed to 1200 steps
+#   -> OODHead fine-tuning (L_cls + 1 * L_d with pasted negatives), 800 steps, seed 0
+#   -> export DH (score at stride 4) at 360x640, ONNX only (47 MB), thresholds calibrated on the
+#      validation split with pasted negatives; export MSP of the same checkpoint (not committed)
+#   -> the demo drive replayed through both: models/demo.card.json records the MSP baseline
+set -euo pipefail
+
+A=${ANOMALY_SEG:-.venv/bin/anomaly-seg}
+RUNS=${RUNS:-runs/demo-model}
+MODELS=${MODELS:-models}
+TRAIN="data.root=$RUNS/data/synth data.crop_size=[192,384] data.num_workers=1 \
+train.batch_size=8 train.amp=false --no-progress"
+
+step() { echo "== $*" >&2; }
+# The highest step_NNNNNNN.pt of a run folder (0 when none): a finished step is not redone.
+newest_step() {
+  local newest=0 ckpt n
+  for ckpt in "$1"/checkpoints/step_*.pt; do
+    [ -e "$ckpt" ] || continue
+    n=$(basename "$ckpt" .pt); n=$((10#${n#step_}))
+    [ "$n" -gt "$newest" ] && newest=$n
+  done
+  echo "$newest"
+}
+resume_flag() { [ -d "$1/checkpoints" ] && echo '--resume auto'; true; }
+
+if [ ! -f "$RUNS/data/synth/synth.json" ]; then
+  step 'synthetic StreetHazards set'
+  $A synth dataset --out "$RUNS/data/synth" --train 400 --val 40 --test 80 --size 360x640 \
+    --seed 0 --overwrite
+fi
+if [ ! -f "$RUNS/data/negatives/synth.json" ]; then
+  step 'synthetic ADE20k-layout negatives'
+  $A synth negatives --out "$RUNS/data/negatives" --n 200 --seed 1 --overwrite
+fi
+if [ "$(newest_step "$RUNS/stage1")" -lt 400 ]; then
+  step 'stage 1: 400 steps'
+  # shellcheck disable=SC2086
+  $A train --config training/configs/closed_set.yaml --out "$RUNS/stage1" \
+    $(resume_flag "$RUNS/stage1") $TRAIN model.pretrained=false optim.encoder_lr=4e-4 \
+    train.max_steps=400 train.checkpoint_every=50
+fi
+if [ "$(newest_step "$RUNS/stage1")" -lt 1200 ]; then
+  step 'stage 1: resumed to 1200 steps'
+  $A train --out "$RUNS/stage1" --resume auto train.max_steps=1200 train.checkpoint_every=100 \
+    --no-progress
+fi
+if [ "$(newest_step "$RUNS/oodhead")" -lt 800 ]; then
+  step 'OODHead: 800 steps'
+  # shellcheck disable=SC2086
+  $A train --config training/configs/oodhead.yaml --out "$RUNS/oodhead" \
+    $(resume_flag "$RUNS/oodhead") $TRAIN negatives.ade_root="$RUNS/data/negatives" \
+    negatives.ade_crop=128 model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" \
+    optim.lr=1e-4 optim.encoder_lr=2.5e-5 train.max_steps=800 train.checkpoint_every=100 \
+    train.seed=0
+fi
+step 'export'
+$A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$MODELS/demo" \
+  --size 360x640 --formats onnx --no-progress
+$A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$RUNS/demo-MSP" \
+  --score MSP --size 360x640 --formats onnx --no-progress
+step 'the demo drive through both: model card'
+$A demo --artifact "$MODELS/demo.json" --baseline "$RUNS/demo-MSP.json" \
+  --card "$MODELS/demo.card.json" --out "$RUNS/demo" --no-progress

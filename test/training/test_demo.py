@@ -1,0 +1,116 @@
+"""`anomaly-seg demo` end to end on a tiny exported model: outputs, table, model card."""
+
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+from test_export import tiny_segmenter
+
+from anomaly_seg_node import cli, demo
+from anomaly_seg_node.errors import ConfigError
+from training.export import DeployModel, export_artifact
+
+FRAMES = 10  # seed 0: every frame has anomaly pixels (a 6-frame drive has none)
+DRIVE = ['--frames', str(FRAMES), '--size', '72x128', '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp('models')
+    out = {}
+    for score in ('DH', 'MSP'):
+        sidecar = export_artifact(DeployModel(tiny_segmenter(), score), folder / f'tiny-{score}',
+                                  size=(48, 64), check_images=1, formats=('onnx',))
+        out[score] = Path(sidecar.source)
+    return out
+
+
+def _demo(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert cli.main(['--json', 'demo', *DRIVE, *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_demo_writes_every_output_and_the_table(artifacts: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / 'demo'
+    report = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(out))
+    for name in ('metrics.json', 'summary.md', 'frames.jsonl', 'overlay.mp4',
+                 'contact_sheet.png', 'pr_curves.png', 'roc_curves.png', 'preview.png'):
+        assert (out / name).is_file(), name
+    assert cv2.imread(str(out / 'contact_sheet.png')).shape[1] == 3 * 320 + 8
+    video = cv2.VideoCapture(str(out / 'overlay.mp4'))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
+    metrics = json.loads((out / 'metrics.json').read_text())
+    table = report['table']
+    assert metrics['demo'] == table
+    share = metrics['metrics']['anomaly_pixel_share']
+    assert table['anomaly_pixel_share'] == share and 0 < share < 0.5
+    (name, row), = table['rows'].items()
+    assert name == 'DH (this model)'
+    assert row['ap'] == metrics['metrics']['per_image']['ap']
+    check, = table['checks']
+    assert check['met'] == (row['ap'] >= 10 * share)
+    assert 'no model card' in table['note']
+    summary = (out / 'summary.md').read_text()
+    assert summary.startswith('# anomaly-seg demo')
+    assert '| chance (anomaly pixel share) |' in summary and '# anomaly-seg replay' in summary
+    human = demo.format_human(report)
+    assert '| DH (this model) |' in human and 'contact_sheet' in human
+
+
+def test_baseline_card_is_written_then_printed(artifacts: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    card = tmp_path / 'tiny-DH.card.json'
+    built = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'a'),
+                  '--baseline', str(artifacts['MSP']), '--card', str(card))
+    assert list(built['table']['rows']) == ['DH (this model)', 'MSP (same checkpoint)']
+    assert [c['what'] for c in built['table']['checks']][1] == \
+        'per-image AP above MSP (same checkpoint)'
+    document = json.loads(card.read_text())
+    assert document['drive'] == {'frames': FRAMES, 'size': [72, 128], 'seed': 0}
+
+    later = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'b'),
+                  '--card', str(card), '--baseline', str(artifacts['MSP']))
+    assert later['table']['rows'] == built['table']['rows']  # deterministic replay
+    # Without --baseline the card beside the artifact is read.
+    beside = artifacts['DH'].with_name('tiny-DH.card.json')
+    beside.write_text(card.read_text())
+    try:
+        shown = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'c'))
+        rows = shown['table']['rows']
+        assert rows['MSP (same checkpoint), measured at build'] == \
+            built['table']['rows']['MSP (same checkpoint)']
+        assert 'measured when the model was built' in shown['table']['note']
+        other = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'd'),
+                      '--seed', '1')
+        assert list(other['table']['rows']) == ['DH (this model)']
+        assert 'another artifact or drive' in other['table']['note']
+        beside.write_text('{not json')
+        broken = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'e'))
+        assert 'unreadable' in broken['table']['note']
+    finally:
+        beside.unlink()
+
+
+def test_card_needs_a_baseline_and_a_missing_artifact_is_skipped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(['--out', str(tmp_path / 'x'), '--card', str(tmp_path / 'c.json')])
+    with pytest.raises(ConfigError, match='--card needs --baseline'):
+        demo.run(args)
+    report = _demo(capsys, '--artifact', str(tmp_path / 'none.json'), '--out',
+                   str(tmp_path / 'y'))
+    assert report['replay'].startswith('skipped: no artifact')
+    assert (tmp_path / 'y' / 'preview.png').is_file()
+
+
+def test_drive_without_anomalies_reports_no_bar(artifacts: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(['--json', 'demo', '--frames', '6', '--size', '72x128', '--no-progress',
+                     '--artifact', str(artifacts['DH']), '--out', str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['table']['checks'] == [] and report['files']['plots'] == []
+    assert report['table']['rows']['DH (this model)']['ap'] is None
