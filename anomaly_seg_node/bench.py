@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         'artifact': str(Path(sidecar.source)),
         'score': sidecar.score.name,
+        'score_resolution': sidecar.score.resolution,
         'input_size': list(sidecar.input_size),
         'batch': sidecar.input.batch,
         'iterations': iterations,
@@ -208,11 +209,14 @@ def score_artifacts(sidecar: Any) -> tuple[dict[str, Any], list[str]]:
             missing.append(f'{graph}: {sibling.name} not found (export with --all-scores)')
             continue
         found = read_sidecar(sibling)
-        if found.score.name != graph or found.input != sidecar.input:
+        if (found.score.name != graph or found.input != sidecar.input
+                or found.score.resolution != sidecar.score.resolution):
             raise ArtifactError(
                 f'{sibling} holds score {found.score.name!r} at {found.input_size} batch '
-                f'{found.input.batch}; expected {graph!r} at {sidecar.input_size} batch '
-                f'{sidecar.input.batch}: re-export the artifact with --all-scores')
+                f'{found.input.batch} ({found.score.resolution} resolution); expected '
+                f'{graph!r} at {sidecar.input_size} batch {sidecar.input.batch} '
+                f'({sidecar.score.resolution} resolution): re-export the artifact with '
+                '--all-scores')
         graphs[graph] = found
     return graphs, missing
 
@@ -606,7 +610,8 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     chosen = report['chosen']
     machine = report['machine']
     lines = [f"# anomaly-seg bench: {Path(report['artifact']).name} ({height}x{width}, batch "
-             f"{report['batch']})", '',
+             f"{report['batch']}, scores at {report.get('score_resolution', 'input')} "
+             'resolution)', '',
              f"{machine['cpu']} ({machine['cpu_count']} CPUs, load average "
              f"{machine['load_average']}); onnxruntime {machine['versions'].get('onnxruntime')}, "
              f"torch {machine['versions'].get('torch')}; {report['iterations']} interleaved "

@@ -171,6 +171,15 @@ def test_siblings_must_match_and_bad_options_fail_clearly(artifact: Path,
         artifact.with_name('tiny-segmentation.json').read_bytes())
     with pytest.raises(ArtifactError, match="expected 'JSD'"):
         bench.score_artifacts(read_sidecar(tmp_path / 'tiny.json'))
+    # the right score, computed at another resolution than the main graph's
+    document = json.loads(artifact.with_name('tiny-JSD.json').read_text())
+    document['score']['resolution'] = 'stride4'
+    (tmp_path / 'tiny-JSD.json').write_text(json.dumps(document))
+    for suffix in ('.onnx', '.pt2'):
+        (tmp_path / f'tiny-JSD{suffix}').write_bytes(
+            artifact.with_name(f'tiny-JSD{suffix}').read_bytes())
+    with pytest.raises(ArtifactError, match=r'\(stride4 resolution\); expected .*\(input'):
+        bench.score_artifacts(read_sidecar(tmp_path / 'tiny.json'))
     with pytest.raises(ConfigError, match='unknown backend'):
         bench.run(parse('--artifact', str(artifact), '--backends', 'onnx'))
     with pytest.raises(ConfigError, match='--iterations'):
