@@ -127,8 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        'preview': str(preview)}
     _write_json(out / 'metrics.json', {**full, 'demo': report['table']})
     summary = out / 'summary.md'
-    summary.write_text(render_table(report) + '\n' + summary.read_text(encoding='utf-8'),
-                       encoding='utf-8')
+    _write_text(summary, render_table(report) + '\n' + summary.read_text(encoding='utf-8'))
     report['seconds'] = round(time.perf_counter() - start, 1)
     return report
 
@@ -236,9 +235,13 @@ def _onnx_sha(sidecar_path: Path) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(document, indent=2) + '\n')
+
+
+def _write_text(path: Path, text: str) -> None:
     from anomaly_seg_node.artifact import atomic_write_bytes
 
-    atomic_write_bytes(path, (json.dumps(document, indent=2) + '\n').encode('utf-8'))
+    atomic_write_bytes(path, text.encode('utf-8'))
 
 
 def _pct(value: float | None) -> str:
