@@ -55,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(arg: str) -> bool:
+    return not arg.startswith('-') and '=' in arg
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; KEY=VALUE overrides may also follow a flag (`train ... --no-progress a=1`).
+
+    argparse stops filling a nargs='*' positional at the first flag and would reject the
+    overrides after it as unrecognised; commands with an `overrides` list take them all.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, 'overrides', None), list) and all(map(_is_override, extra)):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f'unrecognized arguments: {" ".join(extra)}')
+    return args
+
+
 def format_human(report: dict[str, Any], indent: int = 0) -> str:
     """Render a result dict as indented `key: value` lines."""
     lines = []
@@ -72,7 +91,7 @@ def format_human(report: dict[str, Any], indent: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

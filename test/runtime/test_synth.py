@@ -15,7 +15,14 @@ from anomaly_seg_node.labels import RAW_ANOMALY_ID
 from training.synth import command, render_preview, write_bag, write_dataset, write_negatives
 from training.synth.bag import FRAME_ID, START_NS, TOPICS
 from training.synth.dataset import parse_size
-from training.synth.negatives import NEGATIVE_SHAPES, convex_shape
+from training.synth.negatives import (
+    MATERIAL,
+    MATERIAL_IDS,
+    NEGATIVE_SHAPES,
+    convex_shape,
+    render_negative,
+    texture,
+)
 from training.synth.scene import ANOMALY_FAMILIES, anomaly_shape, sample_camera, sample_world
 
 SIZE = (64, 128)
@@ -202,6 +209,39 @@ def test_negatives_layout_and_classes(tmp_path: Path) -> None:
         assert label.dtype == np.uint8 and label.max() <= 150
         assert len(np.unique(label)) >= 4
     assert manifest['count'] == 3 and set(manifest['shape_families']).isdisjoint(ANOMALY_FAMILIES)
+    assert manifest['material_share'] == 0.5 and MATERIAL in manifest['texture_families']
+
+
+def _median_saturation(rgb: np.ndarray) -> float:
+    hsv = cv2.cvtColor(np.clip(rgb, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV)
+    return float(np.median(hsv[..., 1]))
+
+
+def test_negative_materials_are_muted_and_patterns_saturated() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        assert _median_saturation(texture(rng, MATERIAL, 64, 96)) <= 150
+        assert _median_saturation(texture(rng, 'stripes', 64, 96)) >= 140
+    surface = texture(rng, MATERIAL, 64, 96)
+    assert surface.shape == (64, 96, 3) and surface.std() > 2  # shading and grain, not flat
+    with pytest.raises(ValueError, match='material'):
+        texture(rng, 'marble', 8, 8)
+
+
+@pytest.mark.parametrize('share', [0.0, 1.0])
+def test_material_share_decides_object_textures(share: float) -> None:
+    # pattern objects get ids 7..146, plain-material objects 147..150 (see render_negative)
+    for index in range(4):
+        _, label = render_negative(np.random.default_rng([7, index]), (96, 128), share)
+        objects = {int(c) for c in np.unique(label) if c >= 7}
+        assert objects
+        assert objects <= set(MATERIAL_IDS) if share == 1.0 else max(objects) <= 146
+
+
+def test_negatives_reject_a_share_outside_0_1(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match='--material-share'):
+        write_negatives(tmp_path / 'ade', 1, size=(32, 32), material_share=1.5, progress=False)
+    assert not (tmp_path / 'ade').exists()
 
 
 def _read_bag(path: Path) -> dict[str, list[tuple[int, object]]]:

@@ -345,6 +345,20 @@ def test_command_modules_do_not_import_torch():
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, env=_child_env())
 
 
+def test_cli_takes_overrides_before_and_after_flags(capsys):
+    from anomaly_seg_node import cli
+    parser = cli.build_parser()
+    args = cli.parse_args(parser, ['train', '--out', 'r', 'a.b=1', '--no-progress', 'c.d=2',
+                                   '--resume', 'auto', 'e.f=[1,2]'])
+    assert args.overrides == ['a.b=1', 'c.d=2', 'e.f=[1,2]']
+    assert args.no_progress and args.resume == 'auto' and args.out == 'r'
+    for argv in (['train', 'a.b=1', '--no-progress', 'stray'], ['synth', 'bag', '--out', 'b',
+                                                                  'x=1']):
+        with pytest.raises(SystemExit):
+            cli.parse_args(parser, argv)
+        assert 'unrecognized arguments' in capsys.readouterr().err
+
+
 def test_cli_trains_and_resumes_with_the_stored_config(data, tmp_path, monkeypatch, capsys):
     from anomaly_seg_node import cli
     monkeypatch.setitem(cli.COMMANDS, 'train', ('training.train_command', 'train'))

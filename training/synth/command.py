@@ -34,12 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser('negatives', help='ADE20k-layout negatives for DenseHybrid-style methods',
                        description='ADE20k-layout folder (images/training/*.jpg, '
-                                   'annotations/training/*.png) of convex shapes with pattern '
-                                   'textures, families the test anomalies never use.')
+                                   'annotations/training/*.png) of convex shapes, a shape '
+                                   'family the test anomalies never use, in pattern textures '
+                                   'or plain everyday materials.')
     p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
     p.add_argument('--n', type=int, default=50, help='number of images (default 50)')
     p.add_argument('--size', type=size_arg, default=(384, 512), help='HxW (default 384x512)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--material-share', type=float, default=0.5,
+                   help='probability that a surface wears a plain material (muted colour, '
+                        'shading, grain) instead of a saturated pattern; 0 = patterns only '
+                        '(default 0.5)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
 
     p = sub.add_parser('bag', help='a forward drive as a rosbag2 (mcap or sqlite3)',
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              seed=args.seed, overwrite=args.overwrite)
     if kind == 'negatives':
         return write_negatives(args.out, args.n, size=args.size, seed=args.seed,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, material_share=args.material_share)
     if kind == 'bag':
         return write_bag(args.out, args.frames, size=args.size, storage=args.storage,
                          encoding=args.encoding, compressed=args.compressed, seed=args.seed,
