@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds models/demo.{onnx,json,card.json} from nothing with the project's own commands
-# (`make demo-model`; about two and a half hours on 2 CPU cores at one thread per process). Every step is seeded; a step whose output
-# exists is skipped, so an interrupted build continues where it stopped (training resumes from
-# its newest checkpoint).
+# (`make demo-model`; about two hours on 2 CPU cores; the shipped model's runs used one thread,
+# OMP_NUM_THREADS=1, and CPU results repeat bitwise only at the same thread count). Every step is
+# seeded; a step whose output exists is skipped, so an interrupted build continues where it
+# stopped (training resumes from its newest checkpoint).
 #
 #   synthetic data (seed 0) and negatives (seed 1; half of the surfaces in plain materials, so
 #   that the outlier head cannot get by on "saturated pattern = outlier")
