@@ -35,6 +35,7 @@ from training.synth.dataset import (
 NEGATIVE_SHAPES = ('rectangle', 'ellipse', 'triangle', 'polygon')
 NEGATIVE_TEXTURES = ('stripes', 'checker', 'dots', 'gradient', 'plaid')
 MATERIAL = 'material'  # texture family of plain materials, drawn with probability material_share
+TEXTURE_FAMILIES = (*NEGATIVE_TEXTURES, MATERIAL)
 DEFAULT_MATERIAL_SHARE = 0.5
 MATERIAL_IDS = (147, 148, 149, 150)  # one ADE20k-style class id per shape family
 BACKGROUND_IDS = (1, 4, 6)  # ADE20k wall, floor, ceiling
@@ -91,7 +92,7 @@ def texture(rng: np.random.Generator, family: str, h: int, w: int) -> np.ndarray
                      + (np.mod(yy, period * 1.3) < period / 3).astype(np.float32))
     else:
         raise ValueError(f'unknown texture family {family!r}; expected one of '
-                         f'{(*NEGATIVE_TEXTURES, MATERIAL)}')
+                         f'{TEXTURE_FAMILIES}')
     return a * (1 - mix[..., None]) + b * mix[..., None]
 
 
@@ -132,7 +133,6 @@ def render_negative(rng: np.random.Generator, size: tuple[int, int],
                                                                             np.ndarray]:
     """One ADE20k-style image (RGB uint8) and its class-id map (uint8, 0..150)."""
     h, w = size
-    families = (*NEGATIVE_TEXTURES, MATERIAL)
     img = np.zeros((h, w, 3), np.float32)
     lab = np.zeros((h, w), np.uint8)
     # background bands (ceiling / wall / floor) with a thin unlabelled seam between them
@@ -140,7 +140,7 @@ def render_negative(rng: np.random.Generator, size: tuple[int, int],
     bands = ((0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], h))
     band_ids = (BACKGROUND_IDS[2], BACKGROUND_IDS[0], BACKGROUND_IDS[1])
     for (top, bottom), cls in zip(bands, band_ids, strict=True):
-        family = families[_texture_index(rng, material_share)]
+        family = TEXTURE_FAMILIES[_texture_index(rng, material_share)]
         img[top:bottom] = texture(rng, family, bottom - top, w) * 0.6 + 40
         lab[top:bottom] = cls
     for cut in cuts:
@@ -159,7 +159,7 @@ def render_negative(rng: np.random.Generator, size: tuple[int, int],
         mask[:] = 0
         cv2.fillPoly(mask, [(pts * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
         sel = mask > 0
-        img[sel] = texture(rng, families[tex], h, w)[sel]
+        img[sel] = texture(rng, TEXTURE_FAMILIES[tex], h, w)[sel]
         lab[sel] = cls
     img += rng.normal(0, rng.uniform(1, 6), img.shape).astype(np.float32)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab
@@ -195,7 +195,7 @@ def write_negatives(out: Path | str, n: int, size: tuple[int, int] = (384, 512),
             'generator': 'anomaly_seg synth negatives', 'version': GENERATOR_VERSION,
             'layout': 'ADE20k', 'seed': seed, 'size': list(size), 'count': int(n),
             'classes_used': sorted(classes), 'shape_families': list(NEGATIVE_SHAPES),
-            'texture_families': [*NEGATIVE_TEXTURES, MATERIAL],
+            'texture_families': list(TEXTURE_FAMILIES),
             'material_share': float(material_share),
         }
         (root / 'synth.json').write_text(json.dumps(manifest, indent=2) + '\n')
