@@ -19,6 +19,8 @@ from training.synth.negatives import (
     MATERIAL,
     MATERIAL_IDS,
     NEGATIVE_SHAPES,
+    NEGATIVES_STREAM,
+    TEXTURE_FAMILIES,
     convex_shape,
     render_negative,
     texture,
@@ -226,6 +228,18 @@ def test_negative_materials_are_muted_and_patterns_saturated() -> None:
     assert surface.shape == (64, 96, 3) and surface.std() > 2  # shading and grain, not flat
     with pytest.raises(ValueError, match='material'):
         texture(rng, 'marble', 8, 8)
+
+
+@pytest.mark.parametrize('family', TEXTURE_FAMILIES)
+def test_every_texture_fills_an_empty_band(family: str) -> None:
+    # both band cuts on one row leave a middle band of height 0 (seed 2, image 155 of 384x512)
+    surface = texture(np.random.default_rng(0), family, 0, 64)
+    assert surface.shape == (0, 64, 3)
+
+
+def test_negative_with_an_empty_band_renders() -> None:
+    image, label = render_negative(np.random.default_rng([2, NEGATIVES_STREAM, 155]), (384, 512))
+    assert image.shape == (384, 512, 3) and label.shape == (384, 512)
 
 
 @pytest.mark.parametrize('share', [0.0, 1.0])

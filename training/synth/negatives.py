@@ -50,6 +50,8 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: float) -> np.ndarray:
     """Unit-variance (h, w) float32 noise with about `cells` blobs along the longer side."""
+    if h == 0 or w == 0:  # an empty background band (both cuts on one row): cv2 refuses size 0
+        return np.zeros((h, w), np.float32)
     gh = max(2, int(np.ceil(cells * h / max(h, w))) + 1)
     gw = max(2, int(np.ceil(cells * w / max(h, w))) + 1)
     grid = rng.standard_normal((gh, gw)).astype(np.float32)
@@ -86,7 +88,7 @@ def texture(rng: np.random.Generator, family: str, h: int, w: int) -> np.ndarray
         mix = (np.hypot(np.mod(xx, period) - period / 2, np.mod(yy, period) - period / 2)
                < r).astype(np.float32)
     elif family == 'gradient':
-        mix = (t - t.min()) / max(float(np.ptp(t)), 1.0)
+        mix = (t - t.min(initial=np.inf)) / max(float(np.ptp(t)) if t.size else 0.0, 1.0)
     elif family == 'plaid':
         mix = 0.5 * ((np.mod(xx, period) < period / 3).astype(np.float32)
                      + (np.mod(yy, period * 1.3) < period / 3).astype(np.float32))
