@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Rebuilds models/demo.{onnx,json,card.json} from nothing with the project's own commands
-# (`make demo-model`; about two hours on 2 CPU cores; the shipped model's runs used one thread,
-# OMP_NUM_THREADS=1, and CPU results repeat bitwise only at the same thread count). Every step is
-# seeded; a step whose output exists is skipped, so an interrupted build continues where it
-# stopped (training resumes from its newest checkpoint).
+# (`make demo-model`; about 1 h 45 min on 2 CPU cores). Every step is seeded; a step whose output
+# exists is skipped, so an interrupted build continues where it stopped (training resumes from
+# its newest checkpoint). CPU results repeat bitwise only at the same thread count, so each
+# training step runs at the thread count the shipped model was made with (STAGE1_THREADS=2,
+# OODHEAD_THREADS=1; override them to trade exactness for speed).
 #
-#   synthetic data (seed 0) and negatives (seed 1; half of the surfaces in plain materials, so
-#   that the outlier head cannot get by on "saturated pattern = outlier")
-#   -> stage 1: closed-set SwiftNet-RN18, 400 steps, then resumed to 1200 and to 2400 steps (each
-#      resume stretches the cosine schedule over the new total; the shipped model was made so)
+#   synthetic data (seed 0; 1200 training stills) and negatives (seed 1; half of the surfaces in
+#   plain materials, so that the outlier head cannot get by on "saturated pattern = outlier")
+#   -> stage 1: closed-set SwiftNet-RN18 from scratch, 3200 steps, one cosine schedule
 #   -> OODHead fine-tuning (L_cls + 1 * L_d with pasted negatives), 800 steps, seed 0
 #   -> export DH (score at stride 4) at 360x640, ONNX only (47 MB), thresholds calibrated on the
 #      validation split with pasted negatives; export MSP of the same checkpoint (not committed)
@@ -18,6 +18,8 @@ set -euo pipefail
 A=${ANOMALY_SEG:-.venv/bin/anomaly-seg}
 RUNS=${RUNS:-runs/demo-model}
 MODELS=${MODELS:-models}
+STAGE1_THREADS=${STAGE1_THREADS:-2}
+OODHEAD_THREADS=${OODHEAD_THREADS:-1}
 # config overrides shared by the training runs
 TRAIN="data.root=$RUNS/data/synth data.crop_size=[192,384] data.num_workers=1 \
 train.batch_size=8 train.amp=false"
@@ -37,7 +39,7 @@ resume_flag() { [ -d "$1/checkpoints" ] && echo '--resume auto'; true; }
 
 if [ ! -f "$RUNS/data/synth/synth.json" ]; then
   step 'synthetic StreetHazards set'
-  $A synth dataset --out "$RUNS/data/synth" --train 400 --val 40 --test 80 --size 360x640 \
+  $A synth dataset --out "$RUNS/data/synth" --train 1200 --val 40 --test 80 --size 360x640 \
     --seed 0 --overwrite
 fi
 if [ ! -f "$RUNS/data/negatives/synth.json" ]; then
@@ -45,31 +47,21 @@ if [ ! -f "$RUNS/data/negatives/synth.json" ]; then
   $A synth negatives --out "$RUNS/data/negatives" --n 200 --seed 1 --material-share 0.5 \
     --overwrite
 fi
-if [ "$(newest_step "$RUNS/stage1")" -lt 400 ]; then
-  step 'stage 1: 400 steps'
+if [ "$(newest_step "$RUNS/stage1")" -lt 3200 ]; then
+  step 'stage 1: 3200 steps'
   # shellcheck disable=SC2086
-  $A train --config training/configs/closed_set.yaml --out "$RUNS/stage1" --no-progress \
-    $(resume_flag "$RUNS/stage1") $TRAIN model.pretrained=false optim.encoder_lr=4e-4 \
-    train.max_steps=400 train.checkpoint_every=50
-fi
-if [ "$(newest_step "$RUNS/stage1")" -lt 1200 ]; then
-  step 'stage 1: resumed to 1200 steps'
-  $A train --out "$RUNS/stage1" --resume auto --no-progress train.max_steps=1200 \
-    train.checkpoint_every=100
-fi
-if [ "$(newest_step "$RUNS/stage1")" -lt 2400 ]; then
-  step 'stage 1: resumed to 2400 steps'
-  $A train --out "$RUNS/stage1" --resume auto --no-progress train.max_steps=2400 \
-    train.checkpoint_every=200
+  OMP_NUM_THREADS=$STAGE1_THREADS $A train --config training/configs/closed_set.yaml \
+    --out "$RUNS/stage1" --no-progress $(resume_flag "$RUNS/stage1") $TRAIN \
+    model.pretrained=false optim.encoder_lr=4e-4 train.max_steps=3200 train.checkpoint_every=200
 fi
 if [ "$(newest_step "$RUNS/oodhead")" -lt 800 ]; then
   step 'OODHead: 800 steps'
   # shellcheck disable=SC2086
-  $A train --config training/configs/oodhead.yaml --out "$RUNS/oodhead" --no-progress \
-    $(resume_flag "$RUNS/oodhead") $TRAIN negatives.ade_root="$RUNS/data/negatives" \
-    negatives.ade_crop=128 model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" \
-    optim.lr=1e-4 optim.encoder_lr=2.5e-5 train.max_steps=800 train.checkpoint_every=100 \
-    train.seed=0
+  OMP_NUM_THREADS=$OODHEAD_THREADS $A train --config training/configs/oodhead.yaml \
+    --out "$RUNS/oodhead" --no-progress $(resume_flag "$RUNS/oodhead") $TRAIN \
+    negatives.ade_root="$RUNS/data/negatives" negatives.ade_crop=128 \
+    model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" optim.lr=1e-4 \
+    optim.encoder_lr=2.5e-5 train.max_steps=800 train.checkpoint_every=100 train.seed=0
 fi
 step 'export'
 $A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$MODELS/demo" \
