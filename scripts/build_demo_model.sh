@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds models/demo.{onnx,json,card.json} from nothing with the project's own commands
-# (`make demo-model`; about 1 h 45 min on 2 CPU cores). Every step is seeded; a step whose output
+# (`make demo-model`; about 1 h 40 min on 2 CPU cores). Every step is seeded; a step whose output
 # exists is skipped, so an interrupted build continues where it stopped (training resumes from
 # its newest checkpoint). CPU results repeat bitwise only at the same thread count, so each
 # training step runs at the thread count the shipped model was made with (STAGE1_THREADS=2,
