@@ -13,11 +13,15 @@
 #   -> export DH (score at stride 4) at 360x640, ONNX only (47 MB), thresholds calibrated on the
 #      validation split with pasted negatives; export MSP of the same checkpoint (not committed)
 #   -> the demo drive replayed through both: models/demo.card.json records the MSP baseline
+#   -> README's pictures from that replay: docs/demo_contact_sheet.jpg (3/4 size, JPEG 85) and
+#      docs/demo_pr_curves.png
 set -euo pipefail
 
 A=${ANOMALY_SEG:-.venv/bin/anomaly-seg}
+PY=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-runs/demo-model}
 MODELS=${MODELS:-models}
+DOCS=${DOCS:-docs}
 STAGE1_THREADS=${STAGE1_THREADS:-2}
 OODHEAD_THREADS=${OODHEAD_THREADS:-1}
 # config overrides shared by the training runs
@@ -71,3 +75,16 @@ $A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$RUNS/demo-MS
 step 'the demo drive through both: model card'
 $A demo --artifact "$MODELS/demo.json" --baseline "$RUNS/demo-MSP.json" \
   --card "$MODELS/demo.card.json" --out "$RUNS/demo" --no-progress
+step 'README pictures'
+"$PY" - "$RUNS/demo" "$DOCS" <<'PY'
+import shutil
+import sys
+
+import cv2
+
+demo, docs = sys.argv[1:]
+sheet = cv2.imread(f'{demo}/contact_sheet.png')
+sheet = cv2.resize(sheet, None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+cv2.imwrite(f'{docs}/demo_contact_sheet.jpg', sheet, [cv2.IMWRITE_JPEG_QUALITY, 85])
+shutil.copyfile(f'{demo}/pr_curves.png', f'{docs}/demo_pr_curves.png')
+PY
