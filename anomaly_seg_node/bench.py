@@ -509,7 +509,8 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
     except ArtifactError:
         threshold = 0.0
     pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
-                             output_resolution='input', threshold=threshold)
+                             output_resolution='input', threshold=threshold,
+                             pad_rgb=sidecar.pad_rgb)
     height, width = frame_size
     rgb = synthetic_frame(height, width, seed=1)
     message = encode_image(rgb if encoding == 'rgb8' else np.ascontiguousarray(rgb[..., ::-1]),

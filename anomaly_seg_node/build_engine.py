@@ -367,8 +367,13 @@ class CalibrationSource:
                 'put camera frames there, or use --synthetic N')
         return files
 
-    def load(self, height: int, width: int) -> tuple[np.ndarray, str]:
-        """uint8 RGB `[M, height, width, 3]` and a description of where they came from."""
+    def load(self, height: int, width: int, pad_rgb: tuple[int, int, int] = (0, 0, 0)
+             ) -> tuple[np.ndarray, str]:
+        """uint8 RGB `[M, height, width, 3]` and a description of where they came from.
+
+        Folder images are fitted as the node fits camera frames by default (letterbox, the bars
+        filled with `pad_rgb`, the sidecar's).
+        """
         files = self.files()
         if self.folder is None:
             from anomaly_seg_node.check_images import road_like_images
@@ -378,21 +383,22 @@ class CalibrationSource:
         import cv2
 
         used = files[:MAX_CALIBRATION_IMAGES]
-        images = np.stack([_read_rgb(cv2, path, height, width) for path in used])
+        images = np.stack([_read_rgb(cv2, path, height, width, pad_rgb) for path in used])
         note = '' if len(used) == len(files) else \
             f' (the first {len(used)} of {len(files)} by name)'
         return images, f'{len(used)} images of {self.folder}{note}'
 
 
-def _read_rgb(cv2: Any, path: Path, height: int, width: int) -> np.ndarray:
+def _read_rgb(cv2: Any, path: Path, height: int, width: int,
+              pad_rgb: tuple[int, int, int]) -> np.ndarray:
+    from anomaly_seg_node import imaging
+
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise DataError(f'calibration image {path} cannot be decoded; remove or convert it')
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    # As the node does: INTER_AREA to shrink, INTER_LINEAR to enlarge.
-    shrink = rgb.shape[0] > height or rgb.shape[1] > width
-    return cv2.resize(rgb, (width, height),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    fit = imaging.plan_fit(rgb.shape[:2], (height, width), imaging.DEFAULT_RESIZE_MODE)
+    return imaging.fit_image(rgb, fit, pad_rgb)
 
 
 # Build -----------------------------------------------------------------------------------
@@ -473,7 +479,7 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
     log('warning', f'BUILDING A TENSORRT ENGINE ({precision}) of {pt2.name} at {height}x{width} '
                    f'for {key["gpu"]}: this may take several minutes; do not interrupt it. '
                    f'It is cached in {path.parent} and reused afterwards.')
-    images, source = calibration.load(height, width)
+    images, source = calibration.load(height, width, sidecar.pad_rgb)
     program = torch.export.load(str(pt2))
     reference = run_module(program.module(), images, batch, 'cpu')
     options = compile_options(precision, _parameters(torch_tensorrt.dynamo.compile),
@@ -634,7 +640,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--calibration-images', type=Path, default=None, metavar='DIR',
                         help='verify on the camera frames in DIR (png/jpg, at most '
-                             f'{MAX_CALIBRATION_IMAGES}, resized to the artifact size)')
+                             f'{MAX_CALIBRATION_IMAGES}, letterboxed to the artifact size as '
+                             'the node does by default)')
     source.add_argument('--synthetic', type=int, default=None, metavar='N',
                         help='verify on N synthetic road-like images (default '
                              f'{DEFAULT_SYNTHETIC_IMAGES})')

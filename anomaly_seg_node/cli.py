@@ -16,7 +16,8 @@ from anomaly_seg_node.errors import AnomalySegError
 # name -> (module, one-line help). Modules are imported only when their subcommand is built.
 COMMANDS: dict[str, tuple[str, str]] = {
     'synth': ('training.synth.command',
-              'write synthetic StreetHazards scenes, ADE20k-style negatives or a drive rosbag'),
+              'write synthetic StreetHazards scenes, ADE20k-style negatives, a drive rosbag, or '
+              'anomalies pasted into real CamVid frames'),
     'train': ('training.train_command',
               "train one of the paper's methods, stage-1 closed-set training or flow "
               'pretraining from a YAML config'),

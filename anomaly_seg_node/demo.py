@@ -1,18 +1,22 @@
 """`anomaly-seg demo`: the newcomer's first run, end to end, on the embedded default.
 
-Part of the command-line composition root (like cli.py): it wires the synthetic generator
+Part of the command-line composition root (like cli.py): it wires the data generators
 (training.synth, torch-free), the runtime's rosbag replay and the evaluation plots together,
 importing them lazily.
 
-Steps: a synthetic drive bag -> a small synthetic StreetHazards set with a preview picture ->
+Steps: a drive bag of real footage -- the committed CamVid sample (samples/camvid: 86 frames of
+a Cambridge street) with the synthetic test anomalies pasted on the road (`synth paste`) ->
 replay of the bag through the demo artifact (models/demo.json) on the CPU with ONNX Runtime,
 writing into OUT the replay's metrics.json, summary.md, frames.jsonl, overlay.mp4 and
 contact_sheet.png -> pr_curves.png and roc_curves.png, and the short table printed at the end.
+`--synthetic` drives through the procedural street instead (and writes a small synthetic
+StreetHazards set with a preview picture).
 
-The table compares the artifact's score with chance (the anomaly pixel share) and with the MSP
-baseline of the same checkpoint. The runtime graph holds one score, so the baseline is measured
-once, when the model is built: `--baseline MSP.json --card models/demo.card.json` replays the
-same drive through the MSP export too and writes the model card that later runs print.
+The table compares the artifact's score with chance (the anomaly pixel share), with a centre
+prior (a fixed Gaussian bump that ignores the image; real drive only) and with the MSP baseline
+of the same checkpoint. The runtime graph holds one score, so the baseline is measured once,
+when the model is built: `--baseline MSP.json --card models/demo.card.json` replays the same
+drive through the MSP export too and writes the model card that later runs print.
 """
 
 import argparse
@@ -22,7 +26,10 @@ import sys
 import time
 from typing import Any
 
+from anomaly_seg_node.errors import AnomalySegError
+
 DEFAULT_ARTIFACT = Path(__file__).resolve().parents[1] / 'models' / 'demo.json'
+DEFAULT_SAMPLE = Path(__file__).resolve().parents[1] / 'samples' / 'camvid'
 # The demo's bar (issue 7): the anomaly AP on the drive is at least this many times chance.
 CHANCE_FACTOR = 10.0
 CARD_SCHEMA = 1
@@ -33,10 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument('--out', type=Path, default=Path('out/demo'),
                         help='output folder (default out/demo); replaced on each run')
-    parser.add_argument('--frames', type=int, default=150,
-                        help='frames of the synthetic drive (default 150)')
+    parser.add_argument('--sample', type=Path, default=DEFAULT_SAMPLE,
+                        help='CamVid-layout folder whose test/ frames make the real drive '
+                             f'(default {DEFAULT_SAMPLE}: 86 frames of CamVid Seq05VD)')
+    parser.add_argument('--synthetic', action='store_true',
+                        help='drive through the procedural street instead of real footage')
+    parser.add_argument('--frames', type=int, default=None,
+                        help='frames of the drive (default: every sample frame; 150 with '
+                             '--synthetic)')
     parser.add_argument('--size', type=size_arg, default=(360, 640),
-                        help='HxW of the drive and data set (default 360x640)')
+                        help='HxW of the synthetic drive and data set (default 360x640)')
     parser.add_argument('--artifact', type=Path, default=DEFAULT_ARTIFACT,
                         help=f'artifact sidecar to replay (default {DEFAULT_ARTIFACT})')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
@@ -52,7 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from anomaly_seg_node.errors import ConfigError
-    from training.synth import render_preview, write_bag, write_dataset
 
     if args.card is not None and args.baseline is None:
         raise ConfigError('--card needs --baseline MSP.json: the card records the baseline '
@@ -61,19 +73,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {'out': str(out)}
-    drive = {'frames': args.frames, 'size': list(args.size), 'seed': args.seed}
 
-    _say(f'[1/4] synthetic drive: {args.frames} frames of {args.size[0]}x{args.size[1]}')
-    bag = write_bag(out / 'drive_bag', frames=args.frames, size=args.size, storage='mcap',
-                    encoding='rgb8', compressed=True, seed=args.seed, overwrite=True,
-                    progress=not args.no_progress)
-    report['bag'] = {'path': bag['out'], **drive, 'seconds': bag['seconds']}
-
-    _say('[2/4] synthetic StreetHazards set and preview')
-    data = write_dataset(out / 'dataset', train=6, val=2, test=4, size=args.size,
-                         seed=args.seed, overwrite=True, progress=False)
-    preview = render_preview(out / 'dataset', out / 'preview.png', n=4)
-    report['dataset'] = {'path': data['out'], 'preview': str(preview)}
+    if args.synthetic:
+        drive, bag_path, labels = _synthetic_drive(args, out, report)
+    else:
+        drive, bag_path, labels = _real_drive(args, out, report)
 
     artifact = Path(args.artifact)
     if not artifact.is_file():
@@ -84,16 +88,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return report
 
     _say(f'[3/4] replay through {artifact} (onnxruntime, CPU)')
-    replay = _replay(Path(bag['out']), artifact, out, outputs=True,
+    replay = _replay(bag_path, artifact, out, labels, outputs=True,
                      progress=not args.no_progress)
     full = json.loads((out / 'metrics.json').read_text(encoding='utf-8'))
     rows = {f'{full["artifact"]["score"]} (this model)': _figures(full)}
+    if 'folder' in report['bag']:
+        rows['centre prior (ignores the image)'] = _centre_prior(Path(report['bag']['folder']))
     card_path = args.card or artifact.with_name(f'{artifact.stem}.card.json')
     baseline_note = None
     if args.baseline is not None:
         _say(f'      baseline: replay through {args.baseline}')
         base_out = out / 'baseline'
-        _replay(Path(bag['out']), Path(args.baseline), base_out, outputs=False,
+        _replay(bag_path, Path(args.baseline), base_out, labels, outputs=False,
                 progress=not args.no_progress)
         base = json.loads((base_out / 'metrics.json').read_text(encoding='utf-8'))
         rows[f'{base["artifact"]["score"]} (same checkpoint)'] = _figures(base)
@@ -123,8 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report['table']['note'] = baseline_note
     report['files'] = {'metrics': str(out / 'metrics.json'), 'summary': str(out / 'summary.md'),
                        'video': str(out / 'overlay.mp4'),
-                       'contact_sheet': str(out / 'contact_sheet.png'), 'plots': plots,
-                       'preview': str(preview)}
+                       'contact_sheet': str(out / 'contact_sheet.png'), 'plots': plots}
+    if 'preview' in report.get('dataset', {}):
+        report['files']['preview'] = report['dataset']['preview']
     _write_json(out / 'metrics.json', {**full, 'demo': report['table']})
     summary = out / 'summary.md'
     _write_text(summary, render_table(report) + '\n' + summary.read_text(encoding='utf-8'))
@@ -147,10 +154,11 @@ def render_table(report: dict[str, Any]) -> str:
     """The demo's markdown table: each score on the drive against chance and the bar."""
     table = report['table']
     replay = report['replay']
+    bag = report['bag']
     lines = ['# anomaly-seg demo', '',
-             f'{report["bag"]["frames"]} synthetic frames of {report["bag"]["size"][0]}x'
-             f'{report["bag"]["size"][1]}; inference {replay["latency_ms"]["infer"]["p50"]:.0f}'
-             f' ms per frame (p50, onnxruntime CPU).', '',
+             f'{bag["frames"]} {bag["kind"]} frames of {bag["size"][0]}x{bag["size"][1]}; '
+             f'inference {replay["latency_ms"]["infer"]["p50"]:.0f} ms per frame (p50, '
+             'onnxruntime CPU).', '',
              '| score | per-image AP | pooled AP | FPR95 | AUROC | closed mIoU |',
              '|---|---:|---:|---:|---:|---:|']
     for name, fig in table['rows'].items():
@@ -168,14 +176,88 @@ def render_table(report: dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _replay(bag: Path, artifact: Path, out: Path, outputs: bool,
+def _real_drive(args: argparse.Namespace, out: Path, report: dict[str, Any]
+                ) -> tuple[dict[str, Any], Path, str]:
+    """Anomalies pasted into the sample's frames: a CamVid-layout folder and a drive bag."""
+    from training.synth.paste import write_pasted
+
+    sample = Path(args.sample)
+    _say(f'[1/4] real drive: anomalies pasted into the frames of {sample}')
+    pasted = write_pasted(sample, out / 'drive', split='test', seed=args.seed,
+                          limit=args.frames, bag=out / 'drive_bag', overwrite=True,
+                          progress=not args.no_progress)
+    size = _frame_size(out / 'drive' / 'test')
+    report['bag'] = {'path': pasted['bag']['out'], 'kind': 'real (CamVid, anomalies pasted)',
+                     'folder': pasted['out'], 'frames': pasted['frames'], 'size': list(size),
+                     'seed': args.seed, 'objects': pasted['objects'],
+                     'seconds': pasted['seconds']}
+    _say('[2/4] (the synthetic street: anomaly-seg demo --synthetic)')
+    drive = {'sample': sample.name, 'frames': pasted['frames'], 'seed': args.seed}
+    return drive, Path(pasted['bag']['out']), 'camvid'
+
+
+def _synthetic_drive(args: argparse.Namespace, out: Path, report: dict[str, Any]
+                     ) -> tuple[dict[str, Any], Path, str]:
+    """The procedural street: a drive bag and a small StreetHazards set with its preview."""
+    from training.synth import render_preview, write_bag, write_dataset
+
+    frames = args.frames if args.frames is not None else 150
+    _say(f'[1/4] synthetic drive: {frames} frames of {args.size[0]}x{args.size[1]}')
+    bag = write_bag(out / 'drive_bag', frames=frames, size=args.size, storage='mcap',
+                    encoding='rgb8', compressed=True, seed=args.seed, overwrite=True,
+                    progress=not args.no_progress)
+    drive = {'frames': frames, 'size': list(args.size), 'seed': args.seed}
+    report['bag'] = {'path': bag['out'], 'kind': 'synthetic', **drive, 'seconds': bag['seconds']}
+    _say('[2/4] synthetic StreetHazards set and preview')
+    data = write_dataset(out / 'dataset', train=6, val=2, test=4, size=args.size,
+                         seed=args.seed, overwrite=True, progress=False)
+    preview = render_preview(out / 'dataset', out / 'preview.png', n=4)
+    report['dataset'] = {'path': data['out'], 'preview': str(preview)}
+    return drive, Path(bag['out']), 'streethazards'
+
+
+def _frame_size(folder: Path) -> tuple[int, int]:
+    import cv2
+
+    first = min(folder.iterdir())
+    image = cv2.imread(str(first), cv2.IMREAD_UNCHANGED)
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _centre_prior(folder: Path) -> dict[str, float | None]:
+    """The centre-prior reference on a pasted drive folder (training.evaluate.centre_prior)."""
+    import numpy as np
+
+    from anomaly_seg_node.labels import label_spec
+    from anomaly_seg_node.metrics import PerImageOOD, PooledOOD
+    from training.data.camvid_layout import index_split
+    from training.data.image_io import read_label_png
+    from training.evaluate import centre_prior
+
+    spec = label_spec('camvid', [])
+    per_image, pooled = PerImageOOD(), PooledOOD()
+    for _, label_path in index_split(folder, 'test'):
+        _, anomaly, _ = spec.targets(read_label_png(label_path), 0)
+        ood = np.where(anomaly == spec.ignore, np.uint8(2), anomaly)
+        prior = centre_prior(*ood.shape)
+        per_image.update(prior, ood)
+        pooled.update(prior, ood)
+    try:
+        p, q = per_image.compute(), pooled.compute()
+    except AnomalySegError:
+        return {'ap': None, 'fpr95': None, 'auroc': None, 'pooled_ap': None, 'miou': None}
+    return {'ap': p['ap'], 'fpr95': p['fpr95'], 'auroc': p['auroc'], 'pooled_ap': q['ap'],
+            'miou': None}
+
+
+def _replay(bag: Path, artifact: Path, out: Path, labels: str, outputs: bool,
             progress: bool) -> dict[str, Any]:
     from anomaly_seg_node import replay_command
 
     parser = argparse.ArgumentParser()
     replay_command.add_arguments(parser)
     argv = ['--bag', str(bag), '--artifact', str(artifact), '--out', str(out),
-            '--backend', 'onnxruntime', '--device', 'cpu']
+            '--backend', 'onnxruntime', '--device', 'cpu', '--labels', labels]
     if outputs:
         argv += ['--video', '--contact-sheet']
     if not progress:
@@ -208,7 +290,8 @@ def _card_rows(card_path: Path, artifact: Path, drive: dict[str, Any],
         return rows, (f'model card {card_path} is for another artifact or drive (--frames, '
                       '--size, --seed): no baseline row')
     for name, figures in recorded[1:]:
-        rows[f'{name}, measured at build'] = figures
+        if name not in rows:  # the centre prior is measured by every run
+            rows[f'{name}, measured at build'] = figures
     return rows, f'baseline rows from {card_path} (same drive, measured when the model was built)'
 
 
@@ -225,6 +308,10 @@ def _checks(main: dict[str, Any], rows: dict[str, Any],
             checks.append({'what': f'per-image AP above {name}',
                            'met': main['ap'] > figures['ap'],
                            'detail': f'{_pct(main["ap"])} vs {_pct(figures["ap"])}'})
+        if main.get('fpr95') is not None and figures.get('fpr95') is not None:
+            checks.append({'what': f'FPR95 below {name}',
+                           'met': main['fpr95'] < figures['fpr95'],
+                           'detail': f'{_pct(main["fpr95"])} vs {_pct(figures["fpr95"])}'})
     return checks
 
 

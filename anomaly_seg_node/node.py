@@ -156,7 +156,8 @@ class AnomalySegNode(LifecycleNode):
             config = self._core.config
             self._transport.log('info', f'active: {config.input_topic} '
                                 f'({config.input_reliability}) -> {", ".join(OUTPUTS)} at '
-                                f'{config.output_resolution} resolution')
+                                f'{config.output_resolution} resolution, resize_mode '
+                                f'{config.resize_mode}')
         except Exception as error:
             self._transport.log('error', f'activate failed: {error}')
             self._unsubscribe()

@@ -37,6 +37,7 @@ from anomaly_seg_node.errors import (
     ImageDecodeError,
 )
 from anomaly_seg_node.image_codec import ImageFields, decode_compressed, decode_image, encode_image
+from anomaly_seg_node.imaging import DEFAULT_RESIZE_MODE, RESIZE_MODES
 from anomaly_seg_node.pipeline import OUTPUTS, RESOLUTIONS, FramePipeline, scale_camera_info
 
 INPUT_TRANSPORTS = ('raw', 'compressed')
@@ -113,6 +114,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               'reports WARN (0 disables the watchdog).', value_range=(0.0, _MAX_AGE_S)),
     ParamSpec('crop', [0, 0, 0, 0], 'Pixels cut from the top, bottom, left and right edges '
               'before inference (e.g. the bonnet); 4 non-negative integers.'),
+    ParamSpec('resize_mode', DEFAULT_RESIZE_MODE, 'How the (cropped) frame is fitted to the '
+              "artifact's input size when their aspect ratios differ by more than 5 %: "
+              'letterbox keeps the aspect ratio and pads (every pixel is seen), crop_center '
+              'cuts the edges (label void, score NaN there), stretch distorts. Logged once at '
+              'the first frame of each size that differs.', choices=RESIZE_MODES),
     ParamSpec('output_resolution', 'input', 'input: outputs at the camera size, crop undone; '
               'network: at the artifact size, with a scaled network/camera_info.',
               choices=RESOLUTIONS),
@@ -142,6 +148,7 @@ class NodeConfig:
     max_input_age: float = 0.5
     input_timeout: float = 2.0
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+    resize_mode: str = DEFAULT_RESIZE_MODE
     output_resolution: str = 'input'
     anomaly_threshold: str | float = ''
     overlay_alpha: float = 0.5
@@ -533,7 +540,9 @@ class NodeCore:
             self.pipeline = FramePipeline(
                 self.segmenter, sidecar.classes, sidecar.palette, void_id=sidecar.void_id,
                 crop=config.crop, output_resolution=config.output_resolution,
-                threshold=threshold, overlay_alpha=config.overlay_alpha)
+                threshold=threshold, overlay_alpha=config.overlay_alpha,
+                resize_mode=config.resize_mode, pad_rgb=sidecar.pad_rgb,
+                on_warning=self._on_pipeline_warning)
             warm_ms = self._warm_up(self.pipeline, config.crop)
         except Exception as error:
             self._free()
@@ -725,9 +734,13 @@ class NodeCore:
                       '(remap camera_info to the one of this image)')
             return None
         k, p = scale_camera_info(info.k, info.p, size[1], size[0], config.crop,
-                                 pipeline.input_size)
+                                 pipeline.input_size, pipeline.resize_mode)
         height, width = pipeline.input_size
         return CameraInfoOut(header=header, height=height, width=width, k=k, p=p, source=info)
+
+    def _on_pipeline_warning(self, message: str) -> None:
+        # The pipeline calls this once per frame size, so it is not throttled.
+        self.transport.log('warning', message)
 
     def _on_worker_error(self, error: BaseException) -> None:
         self.stats.count('failed')

@@ -1,18 +1,20 @@
 """One camera frame -> the node's outputs, in numpy and OpenCV (shared by the node and replay).
 
-Frame (RGB uint8) -> optional crop -> resize to the segmenter's input size -> segmenter ->
-outputs at ``output_resolution``:
+Frame (RGB uint8) -> optional crop -> fitted to the segmenter's input size by ``resize_mode``
+(:mod:`anomaly_seg_node.imaging`: letterbox, crop_center or stretch) -> segmenter -> outputs at
+``output_resolution``:
 
-- ``'input'``: the frame's full size; labels upsampled nearest, scores bilinear, the crop undone.
-  Pixels the crop cut away were never seen: label ``void_id``, score NaN ("not evaluated", so
-  never above any threshold), anomaly mask 0, colour black, overlay = the frame untouched.
-- ``'network'``: the segmenter's size (of the cropped frame); publish a CameraInfo scaled with
-  :func:`scale_camera_info` beside it.
+- ``'input'``: the frame's full size; labels mapped back nearest, scores bilinear, letterbox bars
+  dropped, the crop undone. Pixels the crop or crop_center cut away were never seen: label
+  ``void_id``, score NaN ("not evaluated", so never above any threshold), anomaly mask 0, colour
+  black, overlay = the frame untouched.
+- ``'network'``: the segmenter's size; letterbox bars are void / NaN and the overlay is drawn on
+  the fitted network frame. Publish a CameraInfo scaled with :func:`scale_camera_info` beside it.
 
 Only the requested outputs (and what they need) are computed.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import math
 import time
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from anomaly_seg_node import imaging
 from anomaly_seg_node.errors import BackendError, ConfigError, ImageDecodeError
 
 OUTPUTS = ('semantic_mask', 'anomaly_score', 'anomaly_mask', 'semantic_color', 'overlay')
@@ -28,6 +31,7 @@ RESOLUTIONS = ('input', 'network')
 # What each output needs at output resolution: labels, scores.
 _NEEDS_LABELS = {'semantic_mask', 'semantic_color', 'overlay'}
 _NEEDS_SCORES = {'anomaly_score', 'anomaly_mask', 'overlay'}
+_MAX_FITS = 16  # frame sizes whose fit is cached (and warned about); a camera has one
 
 
 class SegmenterOutput(Protocol):
@@ -57,17 +61,24 @@ class FrameResult:
 
 
 class FramePipeline:
-    """Crop, resize, segment and render one frame; threshold and alpha may change at run time.
+    """Crop, fit, segment and render one frame; threshold and alpha may change at run time.
 
     ``crop`` = pixels cut from the (top, bottom, left, right) edges, e.g. (0, 120, 0, 0) removes
     a bonnet in the bottom 120 rows. ``palette[i]`` is the RGB colour of class ``i``.
+    ``resize_mode`` fits the cropped frame to the segmenter's input (``imaging.RESIZE_MODES``),
+    ``pad_rgb`` fills letterbox bars (the sidecar's ``pad_rgb``). ``on_warning`` is called once
+    per cropped frame size whose aspect ratio differs from the segmenter's by more than
+    ``imaging.ASPECT_TOLERANCE``, with a message saying what the mode does and how to change it.
     """
 
     def __init__(self, segmenter: Segmenter, classes: Sequence[str],
                  palette: Sequence[Sequence[int]], void_id: int = 255,
                  crop: Sequence[int] | None = None, output_resolution: str = 'input',
                  threshold: float = 0.0, overlay_alpha: float = 0.5,
-                 anomaly_color: Sequence[int] = (0, 255, 255)) -> None:
+                 anomaly_color: Sequence[int] = (0, 255, 255),
+                 resize_mode: str = imaging.DEFAULT_RESIZE_MODE,
+                 pad_rgb: Sequence[int] = (0, 0, 0),
+                 on_warning: Callable[[str], None] | None = None) -> None:
         size = tuple(int(v) for v in segmenter.input_size)
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f'segmenter.input_size must be (H, W) > 0, got {size}')
@@ -92,8 +103,15 @@ class FramePipeline:
             raise ConfigError(
                 f'output_resolution must be one of {RESOLUTIONS}, got {output_resolution!r}')
         self.output_resolution = output_resolution
+        self.resize_mode = imaging.check_resize_mode(resize_mode)
+        pad = _rgb(pad_rgb, 'pad_rgb')
+        self.pad_rgb: tuple[int, int, int] = (int(pad[0]), int(pad[1]), int(pad[2]))
+        self.on_warning = on_warning
         self.threshold = threshold
         self.overlay_alpha = overlay_alpha
+        # cropped (h, w) -> its Fit and, when it has letterbox bars, its network_mask.
+        self._fits: dict[tuple[int, int], tuple[imaging.Fit, np.ndarray | None]] = {}
+        self._warned: set[tuple[int, int]] = set()
 
     @property
     def threshold(self) -> float:
@@ -116,6 +134,43 @@ class FramePipeline:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f'overlay_alpha must be in [0, 1], got {value}')
         self._alpha = value
+
+    def seen_mask(self, frame_hw: tuple[int, int]) -> np.ndarray | None:
+        """bool at the output resolution of a frame of ``frame_hw`` = (h, w): True where the
+        outputs hold the model's answer, False where it never saw the picture (the crop,
+        crop_center's cut, letterbox bars at network resolution); None when it is True
+        everywhere."""
+        top, bottom, left, right = self.crop
+        height, width = (int(v) for v in frame_hw)
+        fit, seen = self._plan((height - top - bottom, width - left - right))
+        if self.output_resolution == 'network':
+            return None if seen is None else seen.copy()
+        if not any(self.crop) and fit.src_box[2:] == fit.src_hw:
+            return None
+        mask = np.zeros((height, width), dtype=bool)
+        box_top, box_left, box_h, box_w = fit.src_box
+        mask[top + box_top:top + box_top + box_h, left + box_left:left + box_left + box_w] = True
+        return mask
+
+    def _plan(self, cropped_hw: tuple[int, int]) -> tuple[imaging.Fit, np.ndarray | None]:
+        """The fit of a cropped frame size, planned (and warned about) once per size."""
+        key = (int(cropped_hw[0]), int(cropped_hw[1]))
+        plan = self._fits.get(key)
+        if plan is not None:
+            return plan
+        fit = imaging.plan_fit(key, self.input_size, self.resize_mode)
+        seen = None if fit.net_box[2:] == fit.net_hw else imaging.network_mask(fit)
+        if len(self._fits) >= _MAX_FITS:
+            self._fits.clear()
+        self._fits[key] = plan = (fit, seen)
+        message = imaging.aspect_warning(fit)
+        if (message is not None and self.on_warning is not None and key not in self._warned
+                and len(self._warned) < _MAX_FITS):
+            self._warned.add(key)
+            if any(self.crop):
+                message = f'after the crop {self.crop} (top, bottom, left, right): {message}'
+            self.on_warning(message)
+        return plan
 
     def process(self, rgb_frame: np.ndarray, want: Iterable[str] = OUTPUTS) -> FrameResult:
         """Run the segmenter on one RGB uint8 ``[H, W, 3]`` frame and render ``want``."""
@@ -142,12 +197,8 @@ class FramePipeline:
                 f'{full_h} x {full_w} frame; reduce the crop')
         cropped = frame[top:full_h - bottom, left:full_w - right]
         net_h, net_w = self.input_size
-        if (crop_h, crop_w) == (net_h, net_w):
-            net_frame = np.ascontiguousarray(cropped)
-        else:
-            shrink = net_h * net_w < crop_h * crop_w
-            net_frame = cv2.resize(cropped, (net_w, net_h),
-                                   interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        fit, seen = self._plan((crop_h, crop_w))
+        net_frame = imaging.fit_image(cropped, fit, self.pad_rgb)
         clock.lap('resize')
 
         out = self.segmenter(net_frame)
@@ -166,13 +217,18 @@ class FramePipeline:
         if self.output_resolution == 'input':
             region = (top, left, crop_h, crop_w)
             if labels8 is not None:
-                labels8 = _place(_resize(labels8, crop_h, crop_w, cv2.INTER_NEAREST_EXACT),
+                labels8 = _place(imaging.unfit(labels8, fit, 'nearest', self.void_id),
                                  (full_h, full_w), region, self.void_id)
             if scores32 is not None:
-                scores32 = _place(_resize(scores32, crop_h, crop_w, cv2.INTER_LINEAR),
+                scores32 = _place(imaging.unfit(scores32, fit, 'linear', np.nan),
                                   (full_h, full_w), region, np.nan)
             base = frame
         else:
+            if seen is not None:  # letterbox bars were never part of the picture
+                if labels8 is not None:
+                    labels8 = np.where(seen, labels8, np.uint8(self.void_id))
+                if scores32 is not None:
+                    scores32 = np.where(seen, scores32, np.float32(np.nan))
             base = net_frame
         clock.lap('upsample')
 
@@ -215,13 +271,15 @@ class FramePipeline:
 
 
 def scale_camera_info(k: Sequence[float], p: Sequence[float], width: int, height: int,
-                      crop: Sequence[int] | None,
-                      new_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                      crop: Sequence[int] | None, new_size: tuple[int, int],
+                      resize_mode: str = 'stretch') -> tuple[np.ndarray, np.ndarray]:
     """K (3x3) and P (3x4) of the ``'network'`` outputs, flat float64 like CameraInfo's k and p.
 
     Like image_proc: the crop shifts the principal point (crop_decimate's ROI offset), then the
-    resize to ``new_size`` = (H, W) multiplies fx, cx, Tx by W / crop width and fy, cy, Ty by
-    H / crop height.
+    fit of the cropped frame to ``new_size`` = (H, W) by ``resize_mode`` (the pipeline's; the
+    default 'stretch' is the mapping of releases without resize_mode): crop_center shifts it by
+    the cut, the resize multiplies fx, skew, cx, Tx by the horizontal and fy, cy, Ty by the
+    vertical scale of the picture, and letterbox adds the offset of the bars to cx and cy.
     """
     top, bottom, left, right = _check_crop(crop)
     crop_w, crop_h = int(width) - left - right, int(height) - top - bottom
@@ -234,15 +292,18 @@ def scale_camera_info(k: Sequence[float], p: Sequence[float], width: int, height
     p_out = np.array(p, dtype=np.float64).reshape(-1)
     if k_out.size != 9 or p_out.size != 12:
         raise ConfigError(f'K needs 9 values and P 12, got {k_out.size} and {p_out.size}')
-    k_out[2] -= left
-    k_out[5] -= top
-    p_out[2] -= left
-    p_out[6] -= top
-    sx, sy = new_w / crop_w, new_h / crop_h
-    k_out[[0, 2]] *= sx
-    k_out[[4, 5]] *= sy
-    p_out[[0, 2, 3]] *= sx
-    p_out[[5, 6, 7]] *= sy
+    fit = imaging.plan_fit((crop_h, crop_w), (new_h, new_w), resize_mode)
+    sy, sx = fit.scale
+    cut_top, cut_left = top + fit.src_box[0], left + fit.src_box[1]
+    bar_top, bar_left = fit.net_box[0], fit.net_box[1]
+    k_out[2] = (k_out[2] - cut_left) * sx + bar_left
+    k_out[5] = (k_out[5] - cut_top) * sy + bar_top
+    p_out[2] = (p_out[2] - cut_left) * sx + bar_left
+    p_out[6] = (p_out[6] - cut_top) * sy + bar_top
+    k_out[[0, 1]] *= sx
+    k_out[4] *= sy
+    p_out[[0, 1, 3]] *= sx
+    p_out[[5, 7]] *= sy
     return k_out, p_out
 
 
@@ -274,12 +335,6 @@ def _single(out: Any, name: str, size: tuple[int, int]) -> np.ndarray:
             f'the segmenter returned {name} of shape {value.shape}; expected [1, {size[0]}, '
             f'{size[1]}] for its input_size')
     return value
-
-
-def _resize(image: np.ndarray, height: int, width: int, interpolation: int) -> np.ndarray:
-    if image.shape[:2] == (height, width):
-        return image
-    return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
 def _place(image: np.ndarray, full: tuple[int, int], region: tuple[int, int, int, int],

@@ -19,7 +19,7 @@ Two modes:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import math
 from pathlib import Path
@@ -39,10 +39,10 @@ from anomaly_seg_node.errors import (
     AnomalySegError,
     BagError,
     ConfigError,
-    DataError,
     ImageDecodeError,
 )
 from anomaly_seg_node.image_codec import decode_compressed, decode_image
+from anomaly_seg_node.labels import LabelSpec, fitting_conventions
 from anomaly_seg_node.metrics import (
     ConfusionMatrix,
     OpenSetConfusion,
@@ -257,53 +257,12 @@ class StampMatcher:
 # Labels and metrics.
 
 
-@dataclasses.dataclass(frozen=True)
-class LabelSpec:
-    """How label frames map to the artifact: ``lut[raw]`` = train id or ``ignore``;
-    pixels whose raw id is in ``anomaly_ids`` are anomalies."""
-
-    lut: np.ndarray  # uint8 [256]
-    anomaly_ids: tuple[int, ...]
-    name: str
-    ignore: int = 255
-
-    @classmethod
-    def from_names(cls, raw_names: Mapping[int, str], anomaly_ids: Sequence[int],
-                   classes: Sequence[str], name: str, ignore: int = 255) -> LabelSpec:
-        """Map raw ids to the artifact's classes by class name; other ids are ignored."""
-        lut = np.full(256, ignore, dtype=np.uint8)
-        index = {cls_name: i for i, cls_name in enumerate(classes)}
-        for raw, raw_name in raw_names.items():
-            if raw not in anomaly_ids and raw_name in index:
-                lut[int(raw)] = index[raw_name]
-        if not (lut != ignore).any():
-            raise DataError(
-                f'none of the artifact classes {list(classes)} appears among the {name} label '
-                f'names {sorted(set(raw_names.values()))}; the labels and the artifact do not '
-                'describe the same classes')
-        return cls(lut=lut, anomaly_ids=tuple(int(v) for v in anomaly_ids), name=name,
-                   ignore=ignore)
-
-    @classmethod
-    def train_ids(cls, num_classes: int, ignore: int = 255) -> LabelSpec:
-        """Labels already in the artifact's ids 0..K-1; id K marks anomalies."""
-        lut = np.full(256, ignore, dtype=np.uint8)
-        lut[:num_classes] = np.arange(num_classes, dtype=np.uint8)
-        return cls(lut=lut, anomaly_ids=(num_classes,), name='train ids', ignore=ignore)
-
-    def targets(self, raw: np.ndarray, num_classes: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(closed-set target, anomaly target 1/0/ignore, open-set target with K = anomaly)."""
-        closed = self.lut[raw]
-        is_anomaly = np.isin(raw, self.anomaly_ids)
-        anomaly = np.where(is_anomaly, np.uint8(1),
-                           np.where(closed != self.ignore, np.uint8(0), np.uint8(self.ignore)))
-        open_set = np.where(is_anomaly, np.uint8(num_classes), closed)
-        return closed, anomaly.astype(np.uint8), open_set.astype(np.uint8)
-
-
 class FrameEvaluator:
-    """Streams per-frame and pooled anomaly metrics, closed mIoU and open-mIoU."""
+    """Streams per-frame and pooled anomaly metrics, closed mIoU and open-mIoU.
+
+    Labels without class ids (``labels.has_classes`` False, e.g. ``--labels binary``) give the
+    anomaly metrics only; closed and open-set mIoU then report why they are not available.
+    """
 
     def __init__(self, classes: Sequence[str], labels: LabelSpec, threshold: float,
                  pooled_bits: int = 20) -> None:
@@ -317,17 +276,30 @@ class FrameEvaluator:
         self.open_set = OpenSetConfusion(k, self.threshold, labels.ignore)
         self.frames = 0
         self.pixels = {'anomaly': 0, 'inlier': 0}
+        self.label_ids = np.zeros(256, dtype=np.int64)  # pixels per raw label id
 
     def update(self, semantic_mask: np.ndarray, anomaly_score: np.ndarray,
-               raw_labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+               raw_labels: np.ndarray, seen: np.ndarray | None = None
+               ) -> tuple[dict[str, Any], np.ndarray]:
         """Add one frame (all at the same resolution); returns its own metrics and its anomaly
-        target (uint8 1 anomaly / 0 inlier / ignore)."""
+        target (uint8 1 anomaly / 0 inlier / ignore). Pixels where ``seen`` (bool, optional) is
+        False were never shown to the model (``resize_mode`` crop_center) and are ignored."""
         k = len(self.classes)
         closed, anomaly, open_set = self.labels.targets(raw_labels, k)
+        if seen is not None:
+            ignore = np.uint8(self.labels.ignore)
+            closed, anomaly, open_set = (np.where(seen, target, ignore)
+                                         for target in (closed, anomaly, open_set))
+            # Their void labels and NaN scores are ignored, but the metrics check every pixel.
+            semantic_mask = np.where(seen, semantic_mask, np.uint8(0))
+            anomaly_score = np.where(seen, anomaly_score, np.float32(0.0))
+        scored = raw_labels.reshape(-1) if seen is None else raw_labels[seen]
+        self.label_ids += np.bincount(scored, minlength=256)
         frame = self.per_image.update(anomaly_score, anomaly)
         self.pooled.update(anomaly_score, anomaly)
-        self.closed.update(semantic_mask, closed)
-        self.open_set.update(semantic_mask, anomaly_score, open_set)
+        if self.labels.has_classes:
+            self.closed.update(semantic_mask, closed)
+            self.open_set.update(semantic_mask, anomaly_score, open_set)
         self.frames += 1
         n_anomaly = int(np.count_nonzero(anomaly == 1))
         self.pixels['anomaly'] += n_anomaly
@@ -341,11 +313,20 @@ class FrameEvaluator:
         labelled = self.pixels['anomaly'] + self.pixels['inlier']
         result: dict[str, Any] = {
             'frames': self.frames, 'threshold': self.threshold, 'labels': self.labels.name,
+            'convention': self.labels.convention or None,
             # The AP of a random score: the share of anomaly pixels among the scored ones.
             'anomaly_pixel_share': self.pixels['anomaly'] / labelled if labelled else None,
+            'label_ids': _id_counts(self.label_ids),
+            'unknown_label_ids': self.labels.unknown_ids(self.label_ids),
         }
-        for key, metric in (('per_image', self.per_image), ('pooled', self.pooled),
-                            ('closed', self.closed), ('open_set', self.open_set)):
+        metrics: tuple[tuple[str, Any], ...] = (('per_image', self.per_image),
+                                                ('pooled', self.pooled))
+        if self.labels.has_classes:
+            metrics += (('closed', self.closed), ('open_set', self.open_set))
+        else:  # not a number: nothing was measured
+            result['closed'] = {'error': self.labels.no_class_reason}
+            result['open_set'] = {'error': self.labels.no_class_reason}
+        for key, metric in metrics:
             try:
                 result[key] = metric.compute()
             except AnomalySegError as error:  # e.g. no frame with anomalies: say so, go on
@@ -358,6 +339,39 @@ class FrameEvaluator:
                                          for key, values in curve.items()}
         return result
 
+    def warnings(self) -> list[str]:
+        """What hints at the wrong --labels convention: no anomaly pixel in any labelled frame,
+        or label ids the convention does not define."""
+        if self.frames == 0:
+            return []
+        spec, counts, name = self.labels, self.label_ids, self.labels.display_name
+        others = [kind for kind in fitting_conventions(counts, self.classes)
+                  if kind != spec.convention]
+        fits = (f'--labels {" or --labels ".join(others)} would fit these ids' if others
+                else 'no --labels convention has anomaly pixels and only ids it defines here')
+        out = []
+        if self.pixels['anomaly'] == 0:
+            seen = ', '.join(f'{i}: {n}' for i, n in _id_counts(counts, 16).items())
+            ids = ', '.join(map(str, spec.anomaly_ids))
+            out.append(f'no anomaly pixel in the {self.frames} labelled frames with {name} '
+                       f'(anomaly id {ids}); label ids seen (id: pixels): {seen}. {fits}')
+        unknown = spec.unknown_ids(counts)
+        if unknown:
+            n = sum(unknown.values())
+            listed = ', '.join(f'{i}: {c}' for i, c in list(unknown.items())[:16])
+            out.append(f'{n} labelled pixels ({n / int(counts.sum()):.2%}) hold ids that '
+                       f'{name} does not define; they were ignored (id: pixels): {listed}'
+                       + ('' if self.pixels['anomaly'] == 0 else f'. {fits}'))
+        return out
+
+
+def _id_counts(counts: np.ndarray, limit: int | None = None) -> dict[int, int]:
+    """{id: pixels} of the ids present, by id; with ``limit``, of that many most frequent."""
+    ids = np.flatnonzero(counts)
+    if limit is not None and ids.size > limit:
+        ids = np.sort(ids[np.argsort(-counts[ids], kind='stable')[:limit]])
+    return {int(i): int(counts[i]) for i in ids}
+
 
 # ---------------------------------------------------------------------------------------------
 # The replay.
@@ -365,7 +379,12 @@ class FrameEvaluator:
 
 class Replay:
     """One pass over a bag. ``run()`` raises BagError on a broken bag, missing topics or labels
-    of another size; ``report()`` then still holds everything computed so far."""
+    of another size; ``report()`` then still holds everything computed so far.
+
+    The pipeline's warnings (e.g. frames of another aspect ratio than the artifact's) are kept,
+    each once, in ``warnings`` and the report: the replay takes over ``pipeline.on_warning`` and
+    passes each warning on to the callback that was there.
+    """
 
     def __init__(self, bag: str | Path, pipeline: FramePipeline, *,
                  image_topic: str | None = None, label_topic: str | None = None,
@@ -394,6 +413,9 @@ class Replay:
         self.pooled_bits = pooled_bits
         self._warmups = max(int(warmup), 0)
         self.warmup_ms: float | None = None
+        self.warnings: list[str] = []
+        self._forward_warning = pipeline.on_warning
+        pipeline.on_warning = self._warn
         # filled while running
         self.source: BagSource | None = None
         self.topics: BagTopics | None = None
@@ -407,6 +429,7 @@ class Replay:
         self.frames_read = 0
         self.processed = self.dropped = self.rejected = 0
         self.with_label = self.without_label = 0
+        self.unseen_pixels = 0  # of labelled frames, never shown to the model: not scored
         self.rejections: list[str] = []
         self.first_bag_ns: int | None = None
         self.last_bag_ns: int | None = None
@@ -432,6 +455,9 @@ class Replay:
             self.seconds = self.timer() - self.started
             if self.source is not None:
                 self.source.close()
+            if self.evaluator is not None:  # e.g. the wrong --labels: say so on the terminal
+                for message in self.evaluator.warnings():
+                    self._warn(message)
         return self.report()
 
     def _run(self) -> None:
@@ -601,8 +627,11 @@ class Replay:
                 f'{size[0]}x{size[1]}; labels must have the camera resolution (record them at '
                 'the image size or pass the matching --label-topic)')
         self.with_label += 1
+        seen = self.pipeline.seen_mask(size)  # None: the model saw every pixel
+        if seen is not None:
+            self.unseen_pixels += seen.size - int(np.count_nonzero(seen))
         figures, frame.anomaly_target = self.evaluator.update(
-            result.semantic_mask, result.anomaly_score, raw)
+            result.semantic_mask, result.anomaly_score, raw, seen)
         frame.record.update(figures)
 
     def _done(self, frame: Frame, arrival: int, start: int, finish: int) -> None:
@@ -623,6 +652,13 @@ class Replay:
             self.on_frame({'index': frame.index, 'stamp_ns': frame.stamp_ns,
                            'bag_ns': frame.bag_ns, 'status': 'dropped'})
         frame.msg = frame.label = None
+
+    def _warn(self, message: str) -> None:
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        if self._forward_warning is not None:
+            self._forward_warning(message)
 
     def _stage(self, name: str, ms: float) -> None:
         self.stages.setdefault(name, LatencyStats()).add(max(ms, 0.0))
@@ -682,10 +718,12 @@ class Replay:
         report['memory'] = memory
         if self.evaluator is not None:
             report['metrics'] = self.evaluator.compute()
+            report['metrics']['unseen_pixels'] = self.unseen_pixels
         elif topics is not None and topics.label is None:
             report['metrics'] = {'skipped': 'the bag has no label topic (pass --label-topic)'}
         else:
             report['metrics'] = {'skipped': 'no label mapping given'}
+        report['warnings'] = list(self.warnings)
         report['seconds'] = self.seconds or (self.timer() - self.started)
         return report
 

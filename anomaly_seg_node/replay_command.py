@@ -15,9 +15,14 @@ import json
 import math
 import os
 from pathlib import Path
+import sys
 from typing import Any
 
-LABEL_KINDS = ('streethazards', 'train-ids')
+from anomaly_seg_node.labels import LABEL_CONVENTIONS
+
+LABEL_KINDS = tuple(LABEL_CONVENTIONS)
+# anomaly_seg_node.imaging.RESIZE_MODES; repeated so that --help imports no OpenCV.
+RESIZE_MODES = ('letterbox', 'crop_center', 'stretch')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='mono8 label topic matched to images by header stamp (default: a '
                              'topic named like "labels"; without one only latency is measured)')
     parser.add_argument('--labels', choices=LABEL_KINDS, default='streethazards',
-                        help='what the label ids are: raw StreetHazards ids (mapped to the '
-                             "artifact's classes by name, anomaly = 14) or the artifact's own "
-                             'ids 0..K-1 with K = anomaly (default: %(default)s)')
+                        help='what the label ids are: ' + '; '.join(
+                            f'{kind}: {words}' for kind, words in LABEL_CONVENTIONS.items())
+                        + ' (default: %(default)s)')
     parser.add_argument('--backend', default='auto',
                         choices=('auto', 'tensorrt', 'torch', 'onnxruntime'),
                         help='inference backend (default: %(default)s)')
@@ -42,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='device (default: %(default)s)')
     parser.add_argument('--precision', default='fp32', choices=('fp32', 'fp16'),
                         help='precision (fp16 needs cuda; default: %(default)s)')
+    parser.add_argument('--resize-mode', choices=RESIZE_MODES, default='letterbox',
+                        help="how frames are fitted to the artifact's input size when the "
+                             'aspect ratios differ by more than 5%%, as the node parameter '
+                             'resize_mode: letterbox keeps the aspect ratio and pads, '
+                             'crop_center cuts the edges (void / NaN there), stretch distorts; '
+                             'outputs and metrics stay at the camera size (default: '
+                             '%(default)s)')
     parser.add_argument('--threshold', default=None,
                         help='anomaly threshold: a number or a sidecar threshold name (default: '
                              "the sidecar's default, else the export check's median score)")
@@ -84,8 +96,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out if args.out is not None else Path(f'replay_{Path(args.bag).name}')
     out.mkdir(parents=True, exist_ok=True)
     segmenter = backends.load(sidecar, args.backend, args.device, args.precision)
+    resize_mode = getattr(args, 'resize_mode', 'letterbox')
+
+    def warn(message: str) -> None:
+        tqdm.write(f'warning: {message}', file=sys.stderr)
+
     pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
-                             threshold=threshold)
+                             threshold=threshold, resize_mode=resize_mode,
+                             pad_rgb=sidecar.pad_rgb, on_warning=warn)
     sinks: dict[str, Any] = {}
     want = ['semantic_mask', 'anomaly_score', 'anomaly_mask']
     if args.video:
@@ -105,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'precision': getattr(segmenter, 'precision', args.precision),
         'backend_reason': getattr(segmenter, 'reason', ''),
         'threshold': threshold, 'threshold_source': threshold_source,
+        'resize_mode': resize_mode, 'pad_rgb': list(sidecar.pad_rgb),
     }
     bar = tqdm(desc='replay', unit='frame', disable=args.no_progress)
 
@@ -152,13 +171,9 @@ def _threshold(sidecar: Any, value: str | None, resolve: Any) -> tuple[float, st
 
 
 def _label_spec(kind: str, classes: Any) -> Any:
-    from anomaly_seg_node.labels import IGNORE_ID, RAW_ANOMALY_ID, RAW_CLASS_NAMES
-    from anomaly_seg_node.replay import LabelSpec
+    from anomaly_seg_node.labels import label_spec
 
-    if kind == 'train-ids':
-        return LabelSpec.train_ids(len(classes))
-    return LabelSpec.from_names(RAW_CLASS_NAMES, [RAW_ANOMALY_ID], classes,
-                                name='StreetHazards raw ids', ignore=IGNORE_ID)
+    return label_spec(kind, classes)
 
 
 def summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -193,6 +208,8 @@ def summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
         result['metrics'] = headline
     if 'growth_mb' in report.get('memory', {}):
         result['memory_growth_mb'] = report['memory']['growth_mb']
+    if report.get('warnings'):
+        result['warnings'] = list(report['warnings'])
     return result
 
 
@@ -214,12 +231,15 @@ def render_markdown(report: dict[str, Any]) -> str:
               f'{art.get("score")}, input {art.get("input_size")}), backend '
               f'{art.get("backend")} on {art.get("device")} {art.get("precision")}',
               f'- threshold: {_fmt(art.get("threshold"))} ({art.get("threshold_source")})',
+              f'- resize mode: {art.get("resize_mode", "letterbox")}',
               f'- mode: {report["mode"]}',
               f'- frames: {frames["read"]} read, {frames["processed"]} processed, '
               f'{frames["dropped"]} dropped, {frames["rejected"]} rejected; '
               f'{frames["with_labels"]} with labels', '']
     if bag.get('note'):
         lines += [f'Note: {bag["note"]}', '']
+    for warning in report.get('warnings', []):
+        lines += [f'Warning: {warning}', '']
     lines += ['## Latency (ms)', '', '| stage | count | mean | p50 | p90 | p99 | max |',
               '|---|---|---|---|---|---|---|']
     for stage, stats in report['latency_ms'].items():
@@ -242,8 +262,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines += [f'{metrics.get("frames", 0)} labelled frames, labels: {metrics.get("labels")}, '
                   f'anomaly pixel share (the AP of chance): '
-                  f'{_fmt(metrics.get("anomaly_pixel_share"))}',
-                  '', '| protocol | AP | AUROC | FPR95 |', '|---|---|---|---|']
+                  f'{_fmt(metrics.get("anomaly_pixel_share"))}', '']
+        if metrics.get('unseen_pixels'):
+            lines += [f'{metrics["unseen_pixels"]} pixels the model never saw (resize mode '
+                      f'{art.get("resize_mode")}) are left out of the metrics.', '']
+        lines += ['| protocol | AP | AUROC | FPR95 |', '|---|---|---|---|']
         for section in ('per_image', 'pooled'):
             block = metrics.get(section, {})
             if 'error' in block:

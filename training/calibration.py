@@ -2,27 +2,32 @@
 
 - `tpr95`: the threshold at 95% TPR of the anomaly pixels, either of validation images with
   pasted ADE20k negatives (the training recipe's validation, methods.md §2.3) or of a labelled
-  split (a StreetHazards-layout folder whose test split marks anomalies, raw id 14).
+  set (CamVid val frames with anomalies pasted by `synth paste`; or a StreetHazards-layout
+  folder whose test split marks anomalies, raw id 14).
 - `fpr1`, `fpr0.1`: at most 1% and 0.1% of the inlier validation pixels above the threshold.
+  `fpr1` is the default threshold of a calibrated artifact: on a vehicle a mask that covers
+  the road with false alarms is worse than a missed faint anomaly.
 - Without data (an untrained model, speed measurements): `synthetic_q95`, `synthetic_q99`,
   `synthetic_q99.9`, score quantiles of synthetic road images. They say nothing about anomalies
   and are named so that nobody mistakes them for calibrated thresholds.
 
-The runtime flags `score > threshold`. Images are resized to the artifact's size first (area
-or bilinear, as the node's pipeline does; labels nearest), because the graph only runs there.
+The runtime flags `score > threshold`. Images are fitted to the artifact's size first as the
+node fits camera frames (`anomaly_seg_node.imaging`, letterbox; labels nearest, bars ignored),
+because the graph only runs there.
 Every score is computed from one forward pass of the segmenter per image.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from anomaly_seg_node import imaging
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
 from anomaly_seg_node.metrics import PooledOOD
@@ -32,6 +37,7 @@ TPR = 0.95
 FPR_THRESHOLDS = {'fpr1': 0.01, 'fpr0.1': 0.001}
 SYNTHETIC_QUANTILES = {'synthetic_q95': 0.05, 'synthetic_q99': 0.01, 'synthetic_q99.9': 0.001}
 SYNTHETIC_DEFAULT = 'synthetic_q99'
+DEFAULT_THRESHOLD = 'fpr1'
 # 2**18 bins: thresholds within 0.2% (relative) of the exact ones, 4 MiB per accumulator.
 POOL_BITS = 18
 # Labels of the pooled accumulators.
@@ -71,24 +77,6 @@ class ScoreMaps:
         return {s: score[0].numpy() for s, score in maps.items()}
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 [h, w, 3] -> [H, W, 3]: area when shrinking, bilinear otherwise (the node's)."""
-    height, width = size
-    if image.shape[:2] == (height, width):
-        return np.ascontiguousarray(image)
-    shrink = height * width < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (width, height),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Label map [h, w] -> [H, W] with nearest neighbour (no new label values)."""
-    height, width = size
-    if labels.shape == (height, width):
-        return labels
-    return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
 def calibrate_synthetic(score_maps: ScoreMaps, size: tuple[int, int], count: int = 4,
                         seed: int = 1) -> Calibration:
     """Score quantiles of `count` synthetic road images: the fallback without data."""
@@ -116,30 +104,36 @@ def calibrate_synthetic(score_maps: ScoreMaps, size: tuple[int, int], count: int
 
 
 def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
-                      val_root: str | Path | None, mapping: str,
+                      val_root: str | Path | None, mapping: str, dataset: str = 'streethazards',
                       ade_root: str | Path | None = None, ade_crop: int = 384,
                       labelled_root: str | Path | None = None, max_images: int = 50,
                       parity_images: int = 2, seed: int = 0,
-                      progress: bool = True) -> Calibration:
-    """tpr95 (pasted ADE20k negatives on val, or the labelled split), fpr1/fpr0.1 (val inliers).
+                      pad_rgb: Sequence[int] = (0, 0, 0), progress: bool = True) -> Calibration:
+    """tpr95 on labelled anomalies (pasted negatives on val, or a labelled set), fpr1/fpr0.1
+    on normal pixels; the default threshold is fpr1.
 
-    `labelled_root`: a StreetHazards-layout folder; its test split's anomalies give tpr95 and
-    its validation split (else the test split's inlier pixels) gives fpr1/fpr0.1. Without it,
-    `val_root`'s validation split gives both, with negatives from `ade_root` pasted for tpr95.
+    `labelled_root`: a CamVid-layout folder from `synth paste` (its val split, else its test
+    split, gives both: tpr95 on the pasted anomalies, fpr on the normal pixels) or a
+    StreetHazards-layout folder (its test split's anomalies give tpr95, its validation split,
+    else the test split's inliers, fpr). Without it, `val_root`'s validation split (of
+    `dataset`) gives both, with negatives from `ade_root` pasted for tpr95. Images are fitted
+    to the artifact size as the node fits camera frames (letterbox bars in `pad_rgb`).
     """
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ConfigError(f'the number of calibration images must be a positive integer, '
                           f'got {max_images!r}')
     tpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
     fpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
-    info: dict[str, Any] = {'size': list(size), 'max_images': max_images}
+    info: dict[str, Any] = {'size': list(size), 'max_images': max_images,
+                            'resize_mode': 'letterbox'}
     kept: list[np.ndarray] = []
+    fit = _Fitter(size, tuple(pad_rgb))
 
     if labelled_root is not None:
-        test = _dataset(labelled_root, 'test', mapping, '--calibration-data')
-        info['tpr95'] = f'anomaly pixels (raw id 14) of the test split of {labelled_root}'
-        fpr_split = _optional_dataset(labelled_root, 'val', mapping)
-        for image, ood in _items(test, size, 'ood', max_images, progress, 'tpr95'):
+        test, fpr_split, what = _labelled_sets(labelled_root, mapping)
+        info['data'] = what
+        info['tpr95'] = f'anomaly pixels of {what}'
+        for image, ood in _items(test, fit, 'ood', max_images, progress, 'tpr95'):
             maps = score_maps(image)
             for s, score in maps.items():
                 tpr_pools[s].update(score, ood)
@@ -147,26 +141,27 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                     fpr_pools[s].update(score, ood)  # the inliers (0) of the labelled split
             _keep(kept, image, parity_images)
         if fpr_split is None:
-            info['fpr'] = (f'inlier pixels of the test split of {labelled_root} (it has no '
-                           'validation split)')
+            info['fpr'] = f'normal pixels of {what}'
         else:
             info['fpr'] = f'inlier pixels of the validation split of {labelled_root}'
-            _add_inliers(score_maps, fpr_split, size, max_images, progress, fpr_pools)
+            _add_inliers(score_maps, fpr_split, fit, max_images, progress, fpr_pools)
         info['images'] = {'tpr95': min(len(test), max_images),
                           'fpr': min(len(fpr_split or test), max_images)}
     else:
         if val_root is None:
             raise ConfigError('calibration needs data: pass --calibration-data DIR or a config '
-                              'whose data.root holds StreetHazards')
-        val = _dataset(val_root, 'val', mapping, 'data.root of the config')
+                              'whose data.root holds the training data set')
+        val = _dataset(val_root, 'val', dataset, mapping, 'data.root of the config')
         negatives = _ade_negatives(ade_root, ade_crop, size, seed)
+        info['data'] = (f'the validation split of {val_root} with {len(negatives)} negatives of '
+                        f'{ade_root} pasted')
         info['tpr95'] = (f'{len(negatives)} ADE20k-layout negatives of {ade_root} '
                          f'({negatives.crop}x{negatives.crop} crops, official mask rule) pasted '
                          f'into the validation split of {val_root}')
         info['fpr'] = f'inlier pixels of the validation split of {val_root}'
         rng = torch.Generator().manual_seed(seed)
         for index, (image, labels) in enumerate(
-                _items(val, size, 'label', max_images, progress, 'calibration')):
+                _items(val, fit, 'label', max_images, progress, 'calibration')):
             inlier = np.where(labels != IGNORE_ID, _INLIER, _IGNORED).astype(np.uint8)
             for s, score in score_maps(image).items():
                 fpr_pools[s].update(score, inlier)
@@ -188,9 +183,48 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
         'fpr1': 'at most 1% of the inlier pixels score above it',
         'fpr0.1': 'at most 0.1% of the inlier pixels score above it',
     }
+    info['default'] = (f'{DEFAULT_THRESHOLD}: a vehicle needs few false alarms; tpr95 flags '
+                       'whatever it takes to catch 95% of the calibration anomalies')
     info['source'] = 'labelled split' if labelled_root is not None else 'pasted negatives'
     parity = np.stack(kept) if kept else None
-    return Calibration(thresholds, 'tpr95' if thresholds else None, info, parity)
+    return Calibration(thresholds, DEFAULT_THRESHOLD if thresholds else None, info, parity)
+
+
+class _Fitter:
+    """Images and label maps fitted to the artifact size by the node's rule (letterbox)."""
+
+    def __init__(self, size: tuple[int, int], pad_rgb: tuple[int, ...]) -> None:
+        self.size = size
+        self.pad_rgb = (int(pad_rgb[0]), int(pad_rgb[1]), int(pad_rgb[2]))
+
+    def __call__(self, image: np.ndarray, labels: np.ndarray, fill: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        fit = imaging.plan_fit(image.shape[:2], self.size, 'letterbox')
+        return (imaging.fit_image(image, fit, self.pad_rgb),
+                imaging.fit_labels(labels, fit, fill))
+
+
+def _labelled_sets(root: str | Path, mapping: str) -> tuple[Any, Any, str]:
+    """(set with anomalies, set of normal pixels or None, description) of --calibration-data."""
+    from training.data.registry import detect_layout
+
+    if detect_layout(root) == 'camvid' or (Path(root) / 'val').is_dir():
+        split = 'val' if (Path(root) / 'val').is_dir() else 'test'
+        data = _dataset(root, split, 'camvid', mapping, '--calibration-data')
+        return data, None, f'the {split} split of {root}' + _paste_note(Path(root))
+    test = _dataset(root, 'test', 'streethazards', mapping, '--calibration-data')
+    return test, _optional_dataset(root, 'val', mapping), f'the test split of {root}'
+
+
+def _paste_note(root: Path) -> str:
+    """' (CamVid val, 101 frames, anomalies pasted by synth paste seed 0)' from paste.json."""
+    try:
+        manifest = json.loads((root / 'paste.json').read_text())
+        return (f' (CamVid {manifest["split"]} frames of {manifest["source"]}: '
+                f'{manifest["frames"]} frames, {manifest["objects"]} anomalies pasted by '
+                f'anomaly-seg synth paste --seed {manifest["seed"]})')
+    except (OSError, ValueError, KeyError, TypeError):
+        return ''
 
 
 def _count(pools: Mapping[str, PooledOOD], column: int) -> int:
@@ -204,15 +238,15 @@ def _keep(kept: list[np.ndarray], image: np.ndarray, limit: int) -> None:
         kept.append(image)
 
 
-def _dataset(root: str | Path, split: str, mapping: str, what: str) -> Any:
-    from training.data.streethazards import StreetHazards
+def _dataset(root: str | Path, split: str, dataset: str, mapping: str, what: str) -> Any:
+    from training.data.registry import open_split
 
     try:
-        return StreetHazards(root, split, mapping=mapping)
+        return open_split(dataset, root, split, mapping)
     except DataError as error:
         raise DataError(f'calibration data ({what}): {error}. Or pass --calibration-data DIR '
-                        '(a StreetHazards-layout folder), or --synthetic-thresholds to '
-                        'skip calibration') from None
+                        '(a CamVid folder from anomaly-seg synth paste, or a StreetHazards-'
+                        'layout folder), or --synthetic-thresholds to skip calibration') from None
 
 
 def _optional_dataset(root: str | Path, split: str, mapping: str) -> Any:
@@ -224,24 +258,25 @@ def _optional_dataset(root: str | Path, split: str, mapping: str) -> Any:
     return StreetHazards(root, split, mapping=mapping)
 
 
-def _items(dataset: Any, size: tuple[int, int], key: str, max_images: int, progress: bool,
+def _items(dataset: Any, fit: _Fitter, key: str, max_images: int, progress: bool,
            desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(image uint8 [H, W, 3], dataset[key] uint8 [H, W]) at the artifact size."""
+    """(image uint8 [H, W, 3], dataset[key] uint8 [H, W]) fitted to the artifact size; padding
+    is ignored (IGNORE_ID in labels, 2 in 'ood' masks)."""
     from tqdm import tqdm
 
     count = min(len(dataset), max_images)
     for index in tqdm(range(count), desc=desc, disable=not progress, leave=False):
         item = dataset[index]
-        image = resize_image(item['image'].numpy().transpose(1, 2, 0), size)
         target = item[key].numpy()
         if key == 'label':  # train ids 0..K-1 and IGNORE_ID fit uint8
             target = target.astype(np.uint8)
-        yield image, resize_labels(target, size)
+        yield fit(item['image'].numpy().transpose(1, 2, 0), target,
+                  IGNORE_ID if key == 'label' else _IGNORED)
 
 
-def _add_inliers(score_maps: ScoreMaps, dataset: Any, size: tuple[int, int], max_images: int,
+def _add_inliers(score_maps: ScoreMaps, dataset: Any, fit: _Fitter, max_images: int,
                  progress: bool, pools: Mapping[str, PooledOOD]) -> None:
-    for image, labels in _items(dataset, size, 'label', max_images, progress, 'fpr'):
+    for image, labels in _items(dataset, fit, 'label', max_images, progress, 'fpr'):
         inlier = np.where(labels != IGNORE_ID, _INLIER, _IGNORED).astype(np.uint8)
         for s, score in score_maps(image).items():
             pools[s].update(score, inlier)

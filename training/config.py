@@ -41,14 +41,16 @@ SCORES = ('DH', 'OP', 'OPxMS', 'JSD', 'MSP')
 
 @dataclass(frozen=True)
 class DataConfig:
-    """StreetHazards inliers and the training transform (methods.md §1, §6, §7)."""
+    """Inliers (StreetHazards or CamVid) and the training transform (methods.md §1, §6, §7)."""
 
+    dataset: Literal['streethazards', 'camvid'] = 'streethazards'
     root: str = 'data/streethazards'
     mapping: Literal['densehybrid12', 'creators13'] = 'densehybrid12'
     crop_size: int | tuple[int, int] = 768  # a square side or [h, w]
     jitter: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     mean_fill: tuple[int, int, int] = (84, 88, 95)
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - x, 1 + x]
     num_workers: int = 4
 
 
@@ -369,6 +371,9 @@ def _check(cfg: Config) -> None:
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise ConfigError(f'train.max_steps must be null or positive, found '
                           f'{cfg.train.max_steps}')
+    if cfg.data.dataset == 'camvid' and cfg.model.num_classes != 11:
+        raise ConfigError(f'data.dataset=camvid has 11 classes but model.num_classes='
+                          f'{cfg.model.num_classes}; set model.num_classes=11')
     crop = cfg.data.crop_size
     if min(crop if isinstance(crop, tuple) else (crop,)) < 1:
         raise ConfigError(f'data.crop_size must be positive (a side or [h, w]), found {crop!r}')
@@ -376,6 +381,8 @@ def _check(cfg: Config) -> None:
     if not 0 < lo <= hi:
         raise ConfigError(f'data.jitter must be [min, max] with 0 < min <= max, found '
                           f'{list(cfg.data.jitter)}; the paper uses [0.5, 2.0]')
+    if not 0 <= cfg.data.color_jitter < 1:
+        raise ConfigError(f'data.color_jitter must lie in [0, 1), found {cfg.data.color_jitter}')
     if not all(0 <= v <= 255 for v in cfg.data.mean_fill):
         raise ConfigError(f'data.mean_fill must be three RGB values in 0..255, found '
                           f'{list(cfg.data.mean_fill)}')

@@ -51,6 +51,8 @@ METHOD_NAMES = {
 # Methods trained with real auxiliary negatives (the paper's "Aux. data" column).
 AUX_DATA_METHODS = ('densehybrid', 'oodhead')
 TEST_TOWNS = ('t5', 't6')
+# Fits that see every pixel of the image (anomaly_seg_node.imaging.RESIZE_MODES).
+EVALUATE_RESIZE_MODES = ('letterbox', 'stretch')
 IGNORE = 255
 PLOT_POINTS = 4000
 # Histogram bits of the tau calibration (2**18 bins: 2e-3 relative width, 4 MiB each).
@@ -117,45 +119,54 @@ def checkpoint_predictor(path: str | os.PathLike, scores: Sequence[str], device:
                 [0].float().cpu().numpy() for name in scores}
         return logits[0].argmax(0).cpu().numpy().astype(np.int64), maps
 
+    from training.data.registry import classes_of
     facts = {'source': 'checkpoint', 'path': str(path), 'method': cfg.method,
              'step': int(ckpt['step']), 'num_classes': cfg.model.num_classes,
-             'mapping': cfg.data.mapping, 'temperature': temperature, 'device': str(dev),
+             'dataset': cfg.data.dataset, 'mapping': cfg.data.mapping,
+             'classes': classes_of(cfg.data.dataset, cfg.data.mapping)[0],
+             'temperature': temperature, 'device': str(dev),
              'code_version': ckpt.get('code_version')}
     return predict, facts
 
 
 def artifact_predictor(path: str | os.PathLike, scores: Sequence[str], device: str = 'auto',
-                       backend: str = 'auto') -> tuple[Predictor, dict[str, Any]]:
-    """Predictor of an exported artifact through anomaly_seg_node.backends (its one score)."""
-    import cv2
+                       backend: str = 'auto', resize_mode: str = 'letterbox'
+                       ) -> tuple[Predictor, dict[str, Any]]:
+    """Predictor of an exported artifact through anomaly_seg_node.backends (its one score).
 
-    from anomaly_seg_node import backends
+    Each image is fitted to the artifact's input as the node does (`anomaly_seg_node.imaging`,
+    `resize_mode`) and the outputs mapped back to the image's pixels.
+    """
+    from anomaly_seg_node import backends, imaging
     dev = _device(device)
     seg = backends.load(path, backend=backend, device=dev)
-    name = seg.sidecar.score.name
+    sidecar = seg.sidecar
+    name = sidecar.score.name
     if list(scores) != [name]:
         raise ConfigError(f'artifact {path} computes the score {name!r} only; pass --scores '
                           f'{name} (export one artifact per score with anomaly-seg export '
                           '--all-scores)')
-    h, w = seg.input_size
+    if resize_mode not in EVALUATE_RESIZE_MODES:
+        raise ConfigError(f'evaluate fits images with --resize-mode letterbox or stretch, got '
+                          f'{resize_mode!r}: crop_center never sees the outer pixels, which '
+                          'the metrics would have to count')
+    net_hw = tuple(seg.input_size)
 
     def predict(image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        size = image.shape[1], image.shape[0]
-        frame = image if image.shape[:2] == (h, w) else cv2.resize(
-            image, (w, h), interpolation=cv2.INTER_LINEAR)
-        result = seg(frame)
-        labels, score = result.labels[0], result.anomaly_score[0]
-        if labels.shape != image.shape[:2]:
-            labels = cv2.resize(labels.astype(np.int32), size, interpolation=cv2.INTER_NEAREST)
-            score = cv2.resize(score.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-        return labels.astype(np.int64), {name: score.astype(np.float32)}
+        fit = imaging.plan_fit(image.shape[:2], net_hw, resize_mode)
+        result = seg(imaging.fit_image(image, fit, sidecar.pad_rgb))
+        labels = imaging.unfit(result.labels[0].astype(np.int32), fit, 'nearest', 0)
+        score = imaging.unfit(result.anomaly_score[0].astype(np.float32), fit, 'linear', 0.0)
+        return labels.astype(np.int64), {name: score}
 
-    method = seg.sidecar.method
-    facts = {'source': 'artifact', 'path': str(path), 'method': method,
-             'num_classes': len(seg.sidecar.classes), 'backend': seg.backend,
-             'backend_reason': seg.reason, 'device': seg.device, 'input_size': [h, w],
-             'mapping': 'densehybrid12' if len(seg.sidecar.classes) == 12 else 'creators13',
-             'temperature': seg.sidecar.score.temperature}
+    facts = {'source': 'artifact', 'path': str(path), 'method': sidecar.method,
+             'num_classes': len(sidecar.classes), 'classes': list(sidecar.classes),
+             'backend': seg.backend, 'backend_reason': seg.reason, 'device': seg.device,
+             'input_size': list(net_hw), 'resize_mode': resize_mode,
+             'mapping': 'densehybrid12' if len(sidecar.classes) == 12 else 'creators13',
+             'temperature': sidecar.score.temperature, 'thresholds': dict(sidecar.thresholds),
+             'default_threshold': sidecar.default_threshold,
+             'calibration': sidecar.training.get('calibration', {}).get('source')}
     return predict, facts
 
 
@@ -169,21 +180,88 @@ def _device(device: str) -> str:
 # ---- evaluation -------------------------------------------------------------------------------
 
 
-def _test_towns(data: Path, towns: Sequence[str] | None, mapping: str, limit: int | None
-                ) -> dict[str, Any]:
-    from training.data.streethazards import SPLITS, StreetHazards
-    image_dir = data / SPLITS['test'][0] / 'images' / SPLITS['test'][1]
-    if towns is None:
-        towns = [t for t in TEST_TOWNS if (image_dir / t).is_dir()]
-        if not towns:
-            raise DataError(f'no test town folder ({", ".join(TEST_TOWNS)}) in {image_dir}; pass '
-                            'the StreetHazards root that holds test/images/test/t5 and t6')
-    sets = {t: StreetHazards(data, 'test', mapping, towns=[t]) for t in towns}
+# The reference score every evaluation reports beside the model's: a fixed Gaussian bump at the
+# image centre (sigma = a quarter of each side). It ignores the image; a score that does not beat
+# it has learnt no more than "anomalies tend to be near the middle of the road".
+CENTRE_PRIOR = 'centre_prior'
+CENTRE_PRIOR_SIGMA = 0.25
+
+
+def centre_prior(height: int, width: int) -> np.ndarray:
+    """float32 [height, width]: exp(-((x - cx)^2 / 2 sx^2 + (y - cy)^2 / 2 sy^2))."""
+    y = (np.arange(height, dtype=np.float32) + 0.5 - height / 2) / (CENTRE_PRIOR_SIGMA * height)
+    x = (np.arange(width, dtype=np.float32) + 0.5 - width / 2) / (CENTRE_PRIOR_SIGMA * width)
+    return np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2)).astype(np.float32)
+
+
+def _test_sets(data: Path, towns: Sequence[str] | None, facts: Mapping[str, Any],
+               limit: int | None, labels: str | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({group: (data set, images)}, facts about the data): the test split of `data` in groups
+    (StreetHazards towns t5, t6; CamVid recordings such as Seq05VD) for open-mIoU's calibration
+    on the other group; a labelled folder (`labels` names its convention) is one group."""
+    from training.data.folder import folder_pairs
+    from training.data.registry import classes_of, detect_layout
+    layout = detect_layout(data)
+    if folder_pairs(data) is not None:
+        return _folder_set(data, facts, limit, labels)
+    if labels is not None:
+        raise ConfigError(f'--labels {labels} is for a folder of images/ and labels/ (or Road '
+                          f'Anomaly frames/); {data} is a {layout} layout whose ids are known: '
+                          'drop --labels')
+    if layout == 'camvid':
+        from training.data.camvid import CamVid
+        groups = list(towns) if towns else CamVid(data, 'test').sequences
+        sets = {g: CamVid(data, 'test', sequences=[g]) for g in groups}
+        classes = classes_of('camvid')[0]
+        ignored = 'CamVid void (id 11) pixels'
+    else:
+        from training.data.streethazards import SPLITS, StreetHazards
+        mapping = facts.get('mapping') or 'densehybrid12'
+        image_dir = data / SPLITS['test'][0] / 'images' / SPLITS['test'][1]
+        if towns is None:
+            towns = [t for t in TEST_TOWNS if (image_dir / t).is_dir()]
+            if not towns:
+                raise DataError(f'no test town folder ({", ".join(TEST_TOWNS)}) in {image_dir}; '
+                                'pass the StreetHazards root that holds test/images/test/t5 and '
+                                't6, or a CamVid-layout folder with test/ and testannot/')
+        sets = {t: StreetHazards(data, 'test', mapping, towns=[t]) for t in towns}
+        classes = classes_of('streethazards', mapping)[0]
+        ignored = 'StreetHazards "other" (raw id 4) and void pixels'
     if limit is not None:
         if limit < 1:
             raise ConfigError(f'--limit must be positive, found {limit}')
-        return {t: (ds, min(limit, len(ds))) for t, ds in sets.items()}
-    return {t: (ds, len(ds)) for t, ds in sets.items()}
+        sized = {t: (ds, min(limit, len(ds))) for t, ds in sets.items()}
+    else:
+        sized = {t: (ds, len(ds)) for t, ds in sets.items()}
+    model_classes = list(facts.get('classes') or classes)
+    info = {'layout': layout, 'classes': classes, 'ignored': ignored,
+            'class_metrics': model_classes == list(classes)}
+    if not info['class_metrics']:
+        info['class_metrics_note'] = (f'the model predicts {model_classes}, the data labels '
+                                      f'{list(classes)}: closed and open mIoU are not computed')
+    return sized, info
+
+
+def _folder_set(data: Path, facts: Mapping[str, Any], limit: int | None, labels: str | None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    from anomaly_seg_node.labels import LABEL_CONVENTIONS, label_spec
+    from training.data.folder import LabelledFolder
+    if labels is None:
+        raise ConfigError(f'{data} is a folder of images and label maps: say what its ids mean '
+                          f'with --labels ({", ".join(LABEL_CONVENTIONS)})')
+    classes = list(facts.get('classes') or [])
+    spec = label_spec(labels, classes)
+    ds = LabelledFolder(data, spec, len(classes))
+    if limit is not None and limit < 1:
+        raise ConfigError(f'--limit must be positive, found {limit}')
+    info = {'layout': 'folder', 'labels': labels, 'classes': classes,
+            'ignored': f'pixels the {labels} convention ignores',
+            'class_metrics': spec.has_classes}
+    if not spec.has_classes:
+        info['class_metrics_note'] = f'{spec.no_class_reason}: closed and open mIoU not computed'
+
+    return {'all': (ds, min(limit, len(ds)) if limit is not None else len(ds))}, info
 
 
 def _item(ds: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,80 +279,124 @@ def _half(score: np.ndarray, ood: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             cv2.resize(ood, size, interpolation=cv2.INTER_NEAREST))
 
 
+class _FlagRates:
+    """Share of inlier and anomaly pixels each named threshold flags (score > threshold)."""
+
+    def __init__(self, thresholds: Mapping[str, float]) -> None:
+        self.thresholds = dict(thresholds)
+        self.counts = {name: [0, 0] for name in self.thresholds}  # inliers, anomalies flagged
+        self.pixels = [0, 0]
+
+    def update(self, score: np.ndarray, ood: np.ndarray) -> None:
+        inlier, anomaly = ood == 0, ood == 1
+        self.pixels[0] += int(np.count_nonzero(inlier))
+        self.pixels[1] += int(np.count_nonzero(anomaly))
+        for name, value in self.thresholds.items():
+            flagged = score > value
+            self.counts[name][0] += int(np.count_nonzero(flagged & inlier))
+            self.counts[name][1] += int(np.count_nonzero(flagged & anomaly))
+
+    def compute(self) -> dict[str, Any]:
+        n_in, n_an = self.pixels
+        return {name: {'value': value,
+                       'inlier_flagged': self.counts[name][0] / n_in if n_in else None,
+                       'anomaly_flagged': self.counts[name][1] / n_an if n_an else None}
+                for name, value in self.thresholds.items()}
+
+
 def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.PathLike,
                    scores: Sequence[str], out: str | os.PathLike,
                    towns: Sequence[str] | None = None, limit: int | None = None,
                    tpr: float = 0.95, fpr_rule: str = DEFAULT_FPR_RULE,
-                   progress: bool = True) -> dict[str, Any]:
-    """Evaluate `predict` on the test split; write metrics.json, table.md and curve PNGs."""
+                   progress: bool = True, labels: str | None = None) -> dict[str, Any]:
+    """Evaluate `predict` on the test split; write metrics.json, table.md and curve PNGs.
+
+    Test data without anomaly pixels (plain CamVid) still gives the closed mIoU and, for an
+    artifact (`facts['thresholds']`), the share of normal pixels each named threshold flags.
+    """
     from tqdm import tqdm
     start = time.time()
     data, out = Path(data), Path(out)
     k = int(facts['num_classes'])
-    sets = _test_towns(data, towns, facts['mapping'], limit)
+    sets, data_info = _test_sets(data, towns, facts, limit, labels)
+    class_metrics = data_info['class_metrics']
     n_total = sum(n for _, n in sets.values())
-    per_image = {s: PerImageOOD(fpr_rule) for s in scores}
-    pooled = {s: PooledOOD(fpr_rule) for s in scores}
+    curves = [*scores, CENTRE_PRIOR]
+    per_image = {s: PerImageOOD(fpr_rule) for s in curves}
+    pooled = {s: PooledOOD(fpr_rule) for s in curves}
     # calib[A]: half-resolution pixels of the towns that calibrate town A's tau (the other
     # towns; the town itself when it is the only one).
     calib = {t: {s: PooledOOD(fpr_rule, CALIBRATION_BITS) for s in scores} for t in sets}
+    flags = {s: _FlagRates(facts.get('thresholds') or {}) for s in scores}
     closed = ConfusionMatrix(k, IGNORE)
     anomaly_pixels = evaluated_pixels = 0
+    prior_cache: dict[tuple[int, int], np.ndarray] = {}
     bar = tqdm(total=2 * n_total, desc='evaluate', unit='img', disable=not progress)
     for town, (ds, n) in sets.items():
         for i in range(n):
             image, label, ood = _item(ds, i)
             pred, maps = predict(image)
-            closed.update(pred, label)
+            if class_metrics:
+                closed.update(pred, label)
             anomaly_pixels += int(np.count_nonzero(ood == 1))
             evaluated_pixels += int(np.count_nonzero(ood <= 1))
             targets = [t for t in sets if t != town] or [town]
-            for s in scores:
+            if ood.shape not in prior_cache:
+                prior_cache[ood.shape] = centre_prior(*ood.shape)
+            maps = {**maps, CENTRE_PRIOR: prior_cache[ood.shape]}
+            for s in curves:
                 per_image[s].update(maps[s], ood)
                 pooled[s].update(maps[s], ood)
+            for s in scores:
+                flags[s].update(maps[s], ood)
                 half = _half(maps[s], ood)
                 for t in targets:
                     calib[t][s].update(*half)
             bar.update(1)
-    if anomaly_pixels == 0:
-        raise DataError(f'the test images of {data} hold no anomaly pixel (raw id 14); AP and '
-                        'FPR95 need anomalies: pass a StreetHazards test split')
-    taus = {t: {s: calib[t][s].threshold_at_tpr(tpr, strict=True) for s in scores}
-            for t in sets}
-    open_sets = {t: {s: OpenSetConfusion(k, taus[t][s], IGNORE) for s in scores} for t in sets}
-    for town, (ds, n) in sets.items():
-        for i in range(n):
-            image, label, ood = _item(ds, i)
-            pred, maps = predict(image)
-            target = label.astype(np.int64)
-            target[ood == 1] = k
-            for s in scores:
-                open_sets[town][s].update(pred, maps[s], target)
-            bar.update(1)
+    has_anomalies = anomaly_pixels > 0
+    open_sets: dict[str, dict[str, Any]] = {}
+    if has_anomalies and class_metrics:
+        taus = {t: {s: calib[t][s].threshold_at_tpr(tpr, strict=True) for s in scores}
+                for t in sets}
+        open_sets = {t: {s: OpenSetConfusion(k, taus[t][s], IGNORE) for s in scores}
+                     for t in sets}
+        for town, (ds, n) in sets.items():
+            for i in range(n):
+                image, label, ood = _item(ds, i)
+                pred, maps = predict(image)
+                target = label.astype(np.int64)
+                target[ood == 1] = k
+                for s in scores:
+                    open_sets[town][s].update(pred, maps[s], target)
+                bar.update(1)
     bar.close()
 
-    closed_metrics = closed.compute()
     result_scores = {}
     for s in scores:
-        per_town = {t: open_sets[t][s].compute() for t in sets}
-        weights = {t: sets[t][1] for t in sets}
-        open_miou = sum(per_town[t]['open_miou'] * weights[t] for t in sets) / sum(
-            weights.values())
-        result_scores[s] = {
-            'per_image': per_image[s].compute(), 'pooled': pooled[s].compute(),
-            'open_miou': float(open_miou),
-            'open_per_town': {t: {'open_miou': m['open_miou'], 'anomaly_iou': m['anomaly_iou'],
-                                  'tau': m['tau'], 'images': weights[t]}
-                              for t, m in per_town.items()},
+        entry: dict[str, Any] = {
             'temperature': (score_temperature(s, facts['temperature'])
                             if facts['source'] == 'checkpoint' else facts['temperature'])}
-    from anomaly_seg_node.labels import class_names
-    metrics = {
-        'model': facts, 'data': str(data), 'towns': {t: n for t, (_, n) in sets.items()},
+        if has_anomalies:
+            entry.update(per_image=per_image[s].compute(), pooled=pooled[s].compute())
+        if open_sets:
+            per_town = {t: open_sets[t][s].compute() for t in sets}
+            weights = {t: sets[t][1] for t in sets}
+            entry['open_miou'] = float(sum(per_town[t]['open_miou'] * weights[t] for t in sets)
+                                       / sum(weights.values()))
+            entry['open_per_town'] = {
+                t: {'open_miou': m['open_miou'], 'anomaly_iou': m['anomaly_iou'],
+                    'tau': m['tau'], 'images': weights[t]} for t, m in per_town.items()}
+        if flags[s].thresholds:
+            entry['thresholds'] = flags[s].compute()
+        result_scores[s] = entry
+    closed_metrics = closed.compute() if class_metrics else None
+    metrics: dict[str, Any] = {
+        'model': facts, 'data': str(data), 'layout': data_info['layout'],
+        'towns': {t: n for t, (_, n) in sets.items()},
         'images': n_total, 'scores': result_scores,
-        'closed_miou': closed_metrics['miou'],
-        'closed_iou': dict(zip(class_names(facts['mapping']), closed_metrics['iou'],
-                               strict=True)),
+        'closed_miou': closed_metrics['miou'] if closed_metrics else None,
+        'closed_iou': (dict(zip(data_info['classes'], closed_metrics['iou'], strict=True))
+                       if closed_metrics else None),
         'anomaly_pixel_share': anomaly_pixels / max(evaluated_pixels, 1),
         'protocols': {
             'per_image': 'mean over test images of AP/FPR95/AUROC; images without anomaly '
@@ -285,42 +407,83 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
                           'at half resolution; towns weighted by image count' if len(sets) > 1
                           else f'tau at the first ROC point with TPR > {tpr} at half resolution '
                           'on the same (only) town: optimistic'),
-            'ignored': 'StreetHazards "other" (raw id 4) and void pixels'},
+            'ignored': data_info['ignored'],
+            CENTRE_PRIOR: 'reference score that ignores the image: a Gaussian bump at the '
+                          f'image centre, sigma {CENTRE_PRIOR_SIGMA} of each side'},
         'seconds': round(time.time() - start, 2),
     }
+    if has_anomalies:
+        metrics['reference'] = {CENTRE_PRIOR: {'per_image': per_image[CENTRE_PRIOR].compute(),
+                                               'pooled': pooled[CENTRE_PRIOR].compute()}}
+    else:
+        metrics['note'] = (f'the test images of {data} hold no anomaly pixel: AP, FPR95, AUROC '
+                           'and open-mIoU need anomalies (anomaly-seg synth paste makes a set '
+                           'with them); reported: closed mIoU and the share of normal pixels '
+                           'each threshold flags')
+    if not class_metrics:
+        metrics['class_metrics_note'] = data_info['class_metrics_note']
     out.mkdir(parents=True, exist_ok=True)
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
     (out / 'table.md').write_text(markdown_table(metrics))
-    plot_curves({s: pooled[s] for s in scores}, out)
+    if has_anomalies:
+        plot_curves({s: pooled[s] for s in curves}, out)
     return metrics
 
 
 def markdown_table(metrics: dict[str, Any]) -> str:
     """Table I columns: Method | Aux. data | Anomaly score | AP | FPR95 | AUROC | closed mIoU |
-    open IoU (x100), per-image protocol; then the pooled protocol's AP/FPR95/AUROC.
-    """
+    open IoU (x100), per-image protocol, with the centre-prior reference row; then the pooled
+    protocol's AP/FPR95/AUROC; per-class IoU; the share of pixels each threshold flags."""
     method = metrics['model']['method']
     name = METHOD_NAMES.get(method, method)
     aux = '✓' if method in AUX_DATA_METHODS else '×'
-    closed = 100 * metrics['closed_miou']
-    lines = [
-        f'Per-image protocol ({metrics["images"]} test images, FPR95 rule '
-        f'{metrics["protocols"]["fpr95_rule"]}, anomaly pixel share '
-        f'{100 * metrics["anomaly_pixel_share"]:.2f}%)', '',
-        '| Method | Aux. data | Anomaly score | AP | FPR95 | AUROC | closed mIoU | open IoU |',
-        '|---|---|---|---|---|---|---|---|',
-    ]
+    closed = _pct(metrics['closed_miou'])
+    reference = metrics.get('reference', {}).get(CENTRE_PRIOR)
+    lines = []
+    if reference is not None:
+        lines += [
+            f'Per-image protocol ({metrics["images"]} test images, FPR95 rule '
+            f'{metrics["protocols"]["fpr95_rule"]}, anomaly pixel share '
+            f'{100 * metrics["anomaly_pixel_share"]:.2f}%)', '',
+            '| Method | Aux. data | Anomaly score | AP | FPR95 | AUROC | closed mIoU | open IoU |',
+            '|---|---|---|---|---|---|---|---|']
+        for s, m in metrics['scores'].items():
+            p = m['per_image']
+            lines.append(f'| {name} | {aux} | {s} | {_pct(p["ap"])} | {_pct(p["fpr95"])} | '
+                         f'{_pct(p["auroc"])} | {closed} | {_pct(m.get("open_miou"))} |')
+        p = reference['per_image']
+        lines.append(f'| reference | | centre prior | {_pct(p["ap"])} | {_pct(p["fpr95"])} | '
+                     f'{_pct(p["auroc"])} | | |')
+        lines += ['', 'Pooled protocol (one curve over all pixels)', '',
+                  '| Method | Anomaly score | AP | FPR95 | AUROC |', '|---|---|---|---|---|']
+        rows = [(name, s, m['pooled']) for s, m in metrics['scores'].items()]
+        rows.append(('reference', 'centre prior', reference['pooled']))
+        for who, s, p in rows:
+            lines.append(f'| {who} | {s} | {_pct(p["ap"])} | {_pct(p["fpr95"])} | '
+                         f'{_pct(p["auroc"])} |')
+        lines.append('')
+    else:
+        lines += [f'{metrics["images"]} test images without anomaly pixels: {metrics["note"]}',
+                  '', f'closed mIoU: {closed}', '']
+    if metrics.get('closed_iou'):
+        lines += ['Closed-set IoU per class', '', '| class | IoU |', '|---|---|']
+        lines += [f'| {c} | {_pct(v)} |' for c, v in metrics['closed_iou'].items()]
+        lines.append('')
     for s, m in metrics['scores'].items():
-        p = m['per_image']
-        lines.append(f'| {name} | {aux} | {s} | {100 * p["ap"]:.2f} | {100 * p["fpr95"]:.2f} | '
-                     f'{100 * p["auroc"]:.2f} | {closed:.2f} | {100 * m["open_miou"]:.2f} |')
-    lines += ['', 'Pooled protocol (one curve over all pixels)', '',
-              '| Method | Anomaly score | AP | FPR95 | AUROC |', '|---|---|---|---|---|']
-    for s, m in metrics['scores'].items():
-        p = m['pooled']
-        lines.append(f'| {name} | {s} | {100 * p["ap"]:.2f} | {100 * p["fpr95"]:.2f} | '
-                     f'{100 * p["auroc"]:.2f} |')
-    return '\n'.join(lines) + '\n'
+        if m.get('thresholds'):
+            lines += [f'Pixels flagged (score > threshold), {s}', '',
+                      '| threshold | value | normal pixels flagged | anomaly pixels flagged |',
+                      '|---|---|---|---|']
+            lines += [f'| {t} | {v["value"]:.4g} | {_pct(v["inlier_flagged"])} | '
+                      f'{_pct(v["anomaly_flagged"])} |' for t, v in m['thresholds'].items()]
+            lines.append('')
+    if metrics.get('class_metrics_note'):
+        lines += [f'Note: {metrics["class_metrics_note"]}', '']
+    return '\n'.join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return '' if value is None or not np.isfinite(value) else f'{100 * value:.2f}'
 
 
 def plot_curves(pooled: dict[str, PooledOOD], out: Path) -> list[Path]:
@@ -368,14 +531,15 @@ def plot_curve_points(curves: Mapping[str, Mapping[str, Any]], out: Path,
 def evaluate(checkpoint: str | None, data: str, scores: str | Sequence[str], out: str,
              artifact: str | None = None, device: str = 'auto', backend: str = 'auto',
              towns: Sequence[str] | None = None, limit: int | None = None,
-             fpr_rule: str = DEFAULT_FPR_RULE, progress: bool = True) -> dict[str, Any]:
+             fpr_rule: str = DEFAULT_FPR_RULE, progress: bool = True,
+             resize_mode: str = 'letterbox', labels: str | None = None) -> dict[str, Any]:
     """`anomaly-seg evaluate`: a checkpoint or an artifact on the test split of `data`."""
     if (checkpoint is None) == (artifact is None):
         raise ConfigError('pass exactly one of --checkpoint CKPT and --artifact NAME.json')
     names = parse_scores(scores)
     if artifact is not None:
-        predict, facts = artifact_predictor(artifact, names, device, backend)
+        predict, facts = artifact_predictor(artifact, names, device, backend, resize_mode)
     else:
         predict, facts = checkpoint_predictor(checkpoint, names, device)
     return run_evaluation(predict, facts, data, names, out, towns, limit, fpr_rule=fpr_rule,
-                          progress=progress)
+                          progress=progress, labels=labels)

@@ -53,7 +53,7 @@ MAX_DIFF_OVER_STD = 1e-3
 FORMAT_RUNTIMES = {'onnx': 'onnxruntime', 'pt2': 'torch_export'}
 DEFAULT_FORMATS = MODEL_FILE_KINDS
 METADATA_KEYS = ('method', 'classes', 'palette', 'void_id', 'training', 'code_version',
-                 'default_threshold')
+                 'default_threshold', 'pad_rgb')
 
 
 class DeployModel(nn.Module):
@@ -213,7 +213,8 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
         score=ScoreSpec(name=model.score_name, units=model.units,
                         temperature=model.effective_temperature,
                         resolution=model.score_resolution),
-        input=InputSpec(height=height, width=width, batch=batch),
+        input=InputSpec(height=height, width=width, batch=batch,
+                        pad_rgb=_pad_rgb(metadata.get('pad_rgb'))),
         classes=tuple(classes),
         palette=tuple(tuple(rgb) for rgb in palette),
         files={kind: FileRef(f'{name}.{kind}', '0' * 64) for kind in formats},
@@ -418,6 +419,15 @@ def _score_metadata(scores: Any, name: str, temperature: float | None
     if temperature is None:
         return info.units, info.default_temperature
     return info.units, float(temperature)
+
+
+def _pad_rgb(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    rgb = tuple(int(v) for v in value)
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise ConfigError(f'pad_rgb must be three values in 0..255, found {value!r}')
+    return (rgb[0], rgb[1], rgb[2])
 
 
 def _classes_and_palette(metadata: Mapping[str, Any], num_classes: int

@@ -89,10 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch', type=int, default=1, metavar='K',
                         help='static batch of the graph (default 1)')
     parser.add_argument('--calibration-data', metavar='DIR',
-                        help='StreetHazards-layout folder whose test split labels anomalies '
-                             '(raw id 14): tpr95 on it, fpr1/fpr0.1 on its validation split '
-                             '(else its test inliers). Default: the config data.root '
-                             'validation split with pasted ADE20k negatives')
+                        help='labelled anomalies to calibrate on: a CamVid-layout folder from '
+                             'anomaly-seg synth paste --split val (tpr95 on its anomalies, '
+                             'fpr1/fpr0.1 on its normal pixels; the default threshold is then '
+                             'fpr1), or a StreetHazards-layout folder whose test split labels '
+                             'anomalies (raw id 14; fpr on its validation split, else its test '
+                             'inliers). Default: the config data.root validation split with '
+                             'pasted ADE20k negatives')
     parser.add_argument('--calibration-images', type=int, default=50, metavar='N',
                         help='at most N images per calibration split (default 50)')
     parser.add_argument('--synthetic-thresholds', action='store_true',
@@ -109,7 +112,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from anomaly_seg_node.labels import class_names, palette
     from training import scores as score_module
     from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
     from training.export import DeployModel, export_artifact
@@ -153,17 +155,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      'not tpr95/fpr1/fpr0.1; re-export a trained checkpoint with data for those')
     else:
         calibration = calibrate_on_data(
-            score_maps, size, val_root=cfg.data.root, mapping=cfg.data.mapping,
-            ade_root=cfg.negatives.ade_root, ade_crop=cfg.negatives.ade_crop,
-            labelled_root=args.calibration_data, max_images=args.calibration_images,
-            seed=args.seed, progress=not args.no_progress)
+            score_maps, size, val_root=cfg.data.root, dataset=cfg.data.dataset,
+            mapping=cfg.data.mapping, ade_root=cfg.negatives.ade_root,
+            ade_crop=cfg.negatives.ade_crop, labelled_root=args.calibration_data,
+            max_images=args.calibration_images, seed=args.seed, pad_rgb=cfg.data.mean_fill,
+            progress=not args.no_progress)
 
-    mapping = cfg.data.mapping
+    from training.data.registry import classes_of
+    classes, palette = classes_of(cfg.data.dataset, cfg.data.mapping)
     training_block = {'config': cfg.to_dict(), **origin, 'calibration': calibration.info}
     metadata = {
         'method': cfg.method,
-        'classes': class_names(mapping),
-        'palette': [list(rgb) for rgb in palette(mapping)],
+        'classes': classes,
+        'palette': [list(rgb) for rgb in palette],
+        'pad_rgb': list(cfg.data.mean_fill),
         'training': training_block,
     }
     out = Path(args.out)

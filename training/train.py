@@ -59,7 +59,7 @@ from anomaly_seg_node.metrics import ConfusionMatrix, PooledOOD
 from training import checkpoint as ckpt_io
 from training.config import Config, load_config
 from training.data.ade20k import ADE20kNegatives
-from training.data.streethazards import StreetHazards
+from training.data.registry import open_split
 from training.data.transforms import JointTransform
 from training.evaluate import score_temperature, usable_scores
 from training.negatives import crop_at, draw_patch_layout, paste_ade_negatives, paste_patches
@@ -225,11 +225,13 @@ class _Data:
     def __init__(self, cfg: Config, info: _Dist, pin: bool) -> None:
         d = cfg.data
         crop = d.crop_size if isinstance(d.crop_size, int) else tuple(d.crop_size)
-        transform = JointTransform(crop, tuple(d.jitter), d.flip, tuple(d.mean_fill))
+        transform = JointTransform(crop, tuple(d.jitter), d.flip, tuple(d.mean_fill),
+                                   color_jitter=d.color_jitter)
         self.cfg = cfg
         self.info = info
         self.pin = pin
-        self.train = StreetHazards(d.root, 'train', d.mapping, transform, seed=cfg.train.seed)
+        self.train = open_split(d.dataset, d.root, 'train', d.mapping, transform,
+                                seed=cfg.train.seed)
         if cfg.train.batch_size % info.world:
             raise ConfigError(f'train.batch_size={cfg.train.batch_size} is the global batch and '
                               f'must divide evenly over {info.world} processes; pick a multiple '
@@ -291,7 +293,7 @@ def validate(cfg: Config, segmenter: nn.Module | None, flow: nn.Module | None,
              device: torch.device, progress: bool = False) -> dict[str, Any]:
     """Closed mIoU on the val split and AP / FPR95 / AUROC with pasted negatives (fixed seed)."""
     d = cfg.data
-    val = StreetHazards(d.root, 'val', d.mapping)
+    val = open_split(d.dataset, d.root, 'val', d.mapping)
     models = [m for m in (segmenter, flow) if m is not None]
     modes = [m.training for m in models]
     for m in models:
@@ -310,7 +312,7 @@ def validate(cfg: Config, segmenter: nn.Module | None, flow: nn.Module | None,
             m.train(mode)
 
 
-def _validate_flow(cfg: Config, flow: nn.Module, val: StreetHazards, device: torch.device,
+def _validate_flow(cfg: Config, flow: nn.Module, val: Any, device: torch.device,
                    g: torch.Generator) -> dict[str, Any]:
     total, count = 0.0, 0
     for i in range(len(val)):
@@ -323,7 +325,7 @@ def _validate_flow(cfg: Config, flow: nn.Module, val: StreetHazards, device: tor
 
 
 def _validate_segmenter(cfg: Config, segmenter: nn.Module, flow: nn.Module | None,
-                        val: StreetHazards, device: torch.device, g: torch.Generator,
+                        val: Any, device: torch.device, g: torch.Generator,
                         progress: bool) -> dict[str, Any]:
     has_head = bool(getattr(segmenter, 'has_outlier_head', False))
     scores = usable_scores(cfg.eval.scores, has_head)
@@ -511,7 +513,7 @@ def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Di
 
     data = _Data(cfg, info, pin=device.type == 'cuda')
     # Fail now, not after the first epoch, if the validation split is missing.
-    StreetHazards(cfg.data.root, 'val', cfg.data.mapping)
+    open_split(cfg.data.dataset, cfg.data.root, 'val', cfg.data.mapping)
     spe = data.steps_per_epoch
     total = cfg.train.epochs * spe
     if cfg.train.max_steps is not None:

@@ -603,3 +603,12 @@ def test_node_configure_fails_when_the_build_is_refused(
                         'allow_engine_build': True})
     assert core.state == 'unconfigured' and loads == []
     assert 'torch sees no CUDA device' in core.last_error
+
+
+def test_calibration_images_are_letterboxed_with_the_pad_colour(tmp_path: Path) -> None:
+    _write_png(tmp_path / 'square.png', (200, 10, 30), 48, 48)  # 1:1 into 16:9
+    images, _ = CalibrationSource(folder=tmp_path).load(36, 64, (1, 2, 3))
+    assert images.shape == (1, 36, 64, 3)
+    # x0.75 to 36 x 36 in the middle, 14 columns of pad colour on each side (not stretched).
+    assert (images[0, :, 14:50] == (200, 10, 30)).all()
+    assert (images[0, :, :14] == (1, 2, 3)).all() and (images[0, :, 50:] == (1, 2, 3)).all()

@@ -244,6 +244,7 @@ def test_validate_params_converts_and_defaults() -> None:
     ('anomaly_threshold', math.nan, 'finite'),
     ('anomaly_threshold', True, 'a number or a threshold name'),
     ('autostart', 'yes', 'true or false'),
+    ('resize_mode', 'fill', 'one of letterbox, crop_center, stretch'),
     ('artifact', 3, 'must be a string'),
 ])
 def test_validate_params_names_the_problem(name: str, value: Any, words: str) -> None:
@@ -581,6 +582,48 @@ def test_camera_info_is_not_published_at_input_resolution(
     core.on_camera_info(SimpleNamespace(height=8, width=12, k=[1.0] * 9, p=[1.0] * 12))
     core.process(_frame(_image(1, 1), clock))
     assert CAMERA_INFO_OUTPUT not in transport.topics()
+
+
+def test_square_frames_are_letterboxed_warned_once_and_camera_info_follows(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    assert SPECS['resize_mode'].default == 'letterbox'
+    assert SPECS['resize_mode'].constraints == ('one of: letterbox, crop_center, stretch; read '
+                                                'at configure; change it while unconfigured')
+    core.configure(_params(artifact, output_resolution='network'))
+    assert core.pipeline.resize_mode == 'letterbox'
+    assert transport.warnings() == []  # the warm-up frame has the artifact's size
+    k = [30.0, 0, 6.0, 0, 30.0, 6.0, 0, 0, 1]
+    core.on_camera_info(SimpleNamespace(height=12, width=12, k=k, p=k[:3] + [0.0] + k[3:6]
+                                        + [0.0] + k[6:] + [0.0]))
+    msg = _image(4, 150, height=12, width=12)
+    for _ in range(3):
+        core.process(_frame(msg, clock))
+    # 12 x 12 into 4 x 6: x1/3 to 4 x 4, one column of bar on each side.
+    labels = decode_image(transport.last('semantic_mask'), 'native')
+    assert labels.shape == (NET_H, NET_W)
+    assert (labels[:, [0, 5]] == 255).all() and (labels[:, 1:5] == 1).all()
+    scores = decode_image(transport.last('anomaly_score'), 'native')
+    assert np.isnan(scores[:, [0, 5]]).all() and (scores[:, 1:5] == 150.0).all()
+    info = transport.last(CAMERA_INFO_OUTPUT)
+    np.testing.assert_allclose(info.k, [10, 0, 3, 0, 10, 2, 0, 0, 1])
+    np.testing.assert_allclose(info.p[[0, 2, 5, 6]], [10, 3, 10, 2])
+    warnings = transport.warnings()
+    assert len(warnings) == 1  # once, not per frame
+    for words in ('12x12', '4x6', '1.000', '1.500', 'letterboxed', 'resize_mode'):
+        assert words in warnings[0], words
+
+
+def test_resize_mode_crop_center_at_input_resolution(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact, resize_mode='crop_center'))
+    assert core.update_parameters({'resize_mode': 'stretch'}).startswith(
+        'resize_mode is read at configure')
+    core.process(_frame(_image(4, 150, height=12, width=12), clock))
+    # 12 x 12 -> its centre 8 x 12 (rows 2..9) -> 4 x 6: rows 0, 1, 10, 11 are never seen.
+    labels = decode_image(transport.last('semantic_mask'), 'native')
+    assert labels.shape == (12, 12)
+    assert (labels[[0, 1, 10, 11]] == 255).all() and (labels[2:10] == 1).all()
+    assert 'cut to their centre 8x12' in transport.warnings()[0]
 
 
 def test_label_info(core: NodeCore, artifact: Path) -> None:

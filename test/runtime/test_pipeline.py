@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from anomaly_seg_node import imaging
 from anomaly_seg_node import pipeline as pipeline_module
 from anomaly_seg_node.errors import BackendError, ConfigError, ImageDecodeError
 from anomaly_seg_node.pipeline import OUTPUTS, FramePipeline, scale_camera_info
@@ -173,6 +174,7 @@ class CountingCv2:
 def test_only_requested_outputs_are_computed(monkeypatch):
     counting = CountingCv2()
     monkeypatch.setattr(pipeline_module, 'cv2', counting)
+    monkeypatch.setattr(imaging, 'cv2', counting)  # the resizes happen there
     pipe, seg = make()
     res = pipe.process(frame(), want={'semantic_mask'})
     assert res.semantic_mask is not None
@@ -226,3 +228,164 @@ def test_bad_settings_and_inputs_are_domain_errors():
     seg.score = np.zeros((3, 3), np.float32)
     with pytest.raises(BackendError, match='anomaly_score'):
         broken.process(frame())
+
+
+# Frames of another aspect ratio: a 480x640 (4:3) camera, a 360x640 (16:9) artifact ----------
+
+class SquareSegmenter:
+    """Identity-like at 360x640: label 1 (car) on bright pixels grown by 10 network pixels on
+    every side (a receptive field), else 0 (road); score = label. Keeps the frames it saw."""
+
+    input_size = (360, 640)
+
+    def __init__(self):
+        self.frames = []
+
+    def __call__(self, frames):
+        self.frames.append(frames.copy())
+        bright = (frames[..., 0] > 127).astype(np.uint8)
+        labels = cv2.dilate(bright, np.ones((21, 21), np.uint8)).astype(np.int32)
+        return SimpleNamespace(labels=labels[None], anomaly_score=labels[None].astype(np.float32))
+
+
+def square_frame():
+    """Black 480x640 with a white 100x100 square at rows 192..291, columns 272..371."""
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[192:292, 272:372] = 255
+    return image
+
+
+def box(mask):
+    rows, cols = np.nonzero(mask)
+    return (rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+
+
+def square_pipeline(**kwargs):
+    seg = SquareSegmenter()
+    warnings = []
+    pipe = FramePipeline(seg, CLASSES, PALETTE, threshold=0.5, anomaly_color=ANOMALY,
+                         on_warning=warnings.append, **kwargs)
+    return pipe, seg, warnings
+
+
+def test_a_4_3_frame_is_letterboxed_and_its_square_stays_square():
+    pipe, seg, warnings = square_pipeline(pad_rgb=(10, 20, 30))
+    for _ in range(3):
+        res = pipe.process(square_frame())
+    for name in OUTPUTS:
+        assert getattr(res, name).shape[:2] == (480, 640), name
+    # The model saw the square as a square, with bars of the pad colour left and right.
+    seen = seg.frames[0]
+    assert box(seen[..., 0] > 127) == (144, 284, 75, 75)
+    assert (seen[:, :80] == (10, 20, 30)).all() and (seen[:, 560:] == (10, 20, 30)).all()
+    # Back in the frame: 75 + 2 x 10 network pixels = 126.7 frame pixels, on both axes.
+    top, left, height, width = box(res.semantic_mask == 1)
+    assert abs(height - width) <= 1 and abs(height - 127) <= 1
+    assert abs(top + height / 2 - 242) <= 1 and abs(left + width / 2 - 322) <= 1
+    assert not np.isnan(res.anomaly_score).any()  # letterbox: every frame pixel is seen
+    assert (res.semantic_mask != 255).all()
+    assert len(warnings) == 1  # once, not per frame
+    for words in ('480x640', '1.333', '360x640', '1.778', 'letterboxed', 'resize_mode',
+                  '--resize-mode'):
+        assert words in warnings[0], words
+
+
+def test_stretch_distorts_the_square():
+    # What the old rule did, now only on request: the square comes back 126 high, 120 wide.
+    pipe, seg, warnings = square_pipeline(resize_mode='stretch')
+    res = pipe.process(square_frame())
+    assert box(seg.frames[0][..., 0] > 127)[2:] == (75, 100)
+    _, _, height, width = box(res.semantic_mask == 1)
+    assert height - width >= 6
+    assert len(warnings) == 1 and 'resized to 360x640' in warnings[0]
+
+
+def test_warning_once_per_size_and_never_for_a_matching_aspect():
+    pipe, _, warnings = square_pipeline()
+    pipe.process(np.zeros((720, 1280, 3), np.uint8))  # 16:9 exactly
+    pipe.process(np.zeros((368, 640, 3), np.uint8))  # 2.2 % apart: stretched, silently
+    assert warnings == []
+    for _ in range(2):
+        pipe.process(square_frame())
+        pipe.process(np.zeros((480, 480, 3), np.uint8))
+    assert len(warnings) == 2 and '480x480' in warnings[1]
+    cropped, _, crop_warnings = square_pipeline(crop=(0, 120, 0, 0))  # 360x640 after the crop
+    cropped.process(square_frame())
+    assert crop_warnings == []
+    with pytest.raises(ConfigError, match='resize_mode must be one of'):
+        square_pipeline(resize_mode='fill')
+
+
+def test_crop_center_leaves_the_cut_rows_void_and_nan():
+    pipe, seg, _ = square_pipeline(resize_mode='crop_center')
+    image = square_frame()
+    res = pipe.process(image)
+    np.testing.assert_array_equal(seg.frames[0], image[60:420])  # the middle, unscaled
+    for rows in (slice(0, 60), slice(420, 480)):
+        assert (res.semantic_mask[rows] == 255).all()
+        assert np.isnan(res.anomaly_score[rows]).all()
+        assert (res.anomaly_mask[rows] == 0).all()
+        np.testing.assert_array_equal(res.overlay[rows], image[rows])
+    assert (res.semantic_mask[60:420] != 255).all()
+    assert box(res.semantic_mask == 1) == (182, 262, 120, 120)
+
+
+def test_network_resolution_marks_the_bars_void_and_nan():
+    pipe, _, _ = square_pipeline(output_resolution='network', pad_rgb=(10, 20, 30))
+    res = pipe.process(square_frame())
+    assert res.semantic_mask.shape == (360, 640) and res.overlay.shape == (360, 640, 3)
+    for cols in (slice(0, 80), slice(560, 640)):
+        assert (res.semantic_mask[:, cols] == 255).all()
+        assert np.isnan(res.anomaly_score[:, cols]).all()
+        assert (res.anomaly_mask[:, cols] == 0).all()
+        assert (res.overlay[:, cols] == (10, 20, 30)).all()  # the fitted frame: pad colour
+    assert (res.semantic_mask[:, 80:560] != 255).all()
+    assert not np.isnan(res.anomaly_score[:, 80:560]).any()
+    assert box(res.semantic_mask == 1) == (134, 274, 95, 95)
+
+
+K = [500.0, 0.0, 320.0, 0.0, 510.0, 240.0, 0.0, 0.0, 1.0]
+P = [500.0, 0.0, 320.0, -25.0, 0.0, 510.0, 240.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_camera_info_follows_the_letterbox():
+    # 640x480 into 640x360: x0.75 both ways, then 80 columns of bar on the left.
+    k, p = scale_camera_info(K, P, 640, 480, None, (360, 640), 'letterbox')
+    np.testing.assert_allclose(k, [375.0, 0.0, 320.0, 0.0, 382.5, 180.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(p, [375.0, 0.0, 320.0, -18.75, 0.0, 382.5, 180.0, 0.0,
+                                   0.0, 0.0, 1.0, 0.0])
+    # A 480x480 crop (80 columns cut each side) into 360x640: x0.75, bars of 140 columns.
+    k, _ = scale_camera_info(K, P, 640, 480, (0, 0, 80, 80), (360, 640), 'letterbox')
+    np.testing.assert_allclose(k[[0, 2, 4, 5]], [375.0, (320 - 80) * 0.75 + 140, 382.5, 180.0])
+    # crop_center: no scale, 60 rows cut at the top.
+    k, p = scale_camera_info(K, P, 640, 480, None, (360, 640), 'crop_center')
+    np.testing.assert_allclose(k, [500.0, 0.0, 320.0, 0.0, 510.0, 180.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(p[[2, 3, 6]], [320.0, -25.0, 180.0])
+    # stretch (the default, as before resize_mode): x1 wide, x0.75 high.
+    k, _ = scale_camera_info(K, P, 640, 480, None, (360, 640))
+    np.testing.assert_allclose(k[[0, 2, 4, 5]], [500.0, 320.0, 382.5, 180.0])
+
+
+def test_camera_info_maps_the_square_onto_the_network_frame():
+    # A ray through the square's corner pixel (272, 192) lands where the model sees that corner.
+    pipe, seg, _ = square_pipeline()
+    pipe.process(square_frame())
+    k, _ = scale_camera_info(K, P, 640, 480, None, (360, 640), pipe.resize_mode)
+    x, y = (272 - K[2]) / K[0], (192 - K[5]) / K[4]  # normalised coordinates of the corner
+    u, v = k[0] * x + k[2], k[4] * y + k[5]
+    top, left, _, _ = box(seg.frames[0][..., 0] > 127)
+    assert (u, v) == pytest.approx((left, top))
+
+
+def test_seen_mask_says_where_the_outputs_hold_answers():
+    assert square_pipeline()[0].seen_mask((480, 640)) is None  # letterbox sees everything
+    assert square_pipeline(resize_mode='stretch')[0].seen_mask((480, 640)) is None
+    cut = square_pipeline(resize_mode='crop_center')[0].seen_mask((480, 640))
+    assert cut.shape == (480, 640) and cut[60:420].all() and not cut[:60].any()
+    assert not cut[420:].any()
+    # A crop of 120 bottom rows leaves 360x640 (16:9): only the crop is unseen.
+    cropped = square_pipeline(crop=(0, 120, 0, 0), resize_mode='crop_center')[0]
+    mask = cropped.seen_mask((480, 640))
+    assert mask[:360].all() and not mask[360:].any()
+    bars = square_pipeline(output_resolution='network')[0].seen_mask((480, 640))
+    assert bars.shape == (360, 640) and bars[:, 80:560].all() and not bars[:, :80].any()

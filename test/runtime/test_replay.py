@@ -604,3 +604,69 @@ def test_contact_sheet_keeps_evenly_spaced_frames_in_bounded_memory(tmp_path):
     assert (heat[5, 5:10] == 255).all()
     assert ContactSheetSink(tmp_path / 'none.png').close()['path'] is None
     assert not (tmp_path / 'none.png').exists()
+
+
+# --- a 4:3 camera into a 16:9 artifact: letterboxed, outputs at the camera size ---------------
+
+CAMERA_4_3 = (480, 640)
+
+
+class WideSegmenter(FakeSegmenter):
+    input_size = (36, 64)  # 16:9
+
+
+class CaptureSink:
+    """Keeps the shape of every output of every processed frame."""
+
+    def __init__(self) -> None:
+        self.shapes: list[dict[str, tuple[int, ...]]] = []
+
+    def on_input(self, topic, bag_ns, raw, source) -> None:
+        pass
+
+    def on_result(self, frame, result) -> None:
+        self.shapes.append({name: getattr(result, name).shape for name in
+                            ('semantic_mask', 'anomaly_score', 'anomaly_mask')})
+
+
+@pytest.fixture(scope='module')
+def bag_4_3(tmp_path_factory):
+    path = tmp_path_factory.mktemp('bag43') / 'drive'
+    write_bag(path, 3, size=CAMERA_4_3, storage='mcap', seed=2, rate_hz=30.0, progress=False)
+    return path
+
+
+def test_replay_of_a_4_3_bag_keeps_the_camera_size_and_warns_once(bag_4_3):
+    told = []
+    segmenter = WideSegmenter()
+    pipeline = FramePipeline(segmenter, CLASSES, PALETTE, threshold=0.4, on_warning=told.append)
+    sink = CaptureSink()
+    replay = Replay(bag_4_3, pipeline, labels=street_labels(), sinks=[sink])
+    report = replay.run()
+    assert report['frames']['processed'] == 3 and segmenter.calls == 4  # + one warm-up
+    assert sink.shapes == [dict.fromkeys(('semantic_mask', 'anomaly_score', 'anomaly_mask'),
+                                         CAMERA_4_3)] * 3
+    # Labels at the camera size were scored against outputs at the camera size.
+    assert report['metrics']['per_image']['n_images'] == 3
+    assert len(report['warnings']) == 1 and told == report['warnings']
+    assert '480x640' in told[0] and '36x64' in told[0] and 'letterboxed' in told[0]
+
+
+def test_command_resize_mode_and_its_warning(bag_4_3, command_env, tmp_path, monkeypatch,
+                                             capsys):
+    monkeypatch.setattr(backends, 'load', lambda sidecar, *args: WideSegmenter())
+    out = tmp_path / 'out'
+    code = cli.main(['replay', '--bag', str(bag_4_3), '--artifact', str(command_env),
+                     '--out', str(out), '--no-progress', '--resize-mode', 'crop_center'])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count('warning: ') == 1 and 'cut to their centre' in err
+    report = json.loads((out / 'metrics.json').read_text())
+    assert report['artifact']['resize_mode'] == 'crop_center'
+    assert len(report['warnings']) == 1 and 'crop_center' in report['warnings'][0]
+    summary_md = (out / 'summary.md').read_text()
+    assert summary_md.count('Warning: ') == 1 and '- resize mode: crop_center' in summary_md
+    # The 2 x 60 rows cut from each of the 3 frames were never seen: left out of the metrics.
+    assert report['metrics']['unseen_pixels'] == 3 * 120 * 640
+    assert '230400 pixels the model never saw' in summary_md
+    assert report['metrics']['per_image']['n_images'] == 3

@@ -18,10 +18,35 @@ STAGE2 = ('densehybrid', 'oodhead', 'nflowjs', 'nf_hybrid_js', 'nf_hybrid_ldlx',
 FLOW_JOINT = ('nflowjs', 'nf_hybrid_js', 'nf_hybrid_ldlx', 'nf_hybrid_ld', 'nf_oodhead')
 
 
+CAMVID_CONFIGS = {'camvid_closed_set': 'closed_set', 'camvid_oodhead': 'oodhead',
+                  'camvid_densehybrid': 'densehybrid'}
+
+
 def test_one_config_file_per_method():
-    assert sorted(p.stem for p in CONFIGS.glob('*.yaml')) == sorted(METHODS)
+    paper = sorted(p.stem for p in CONFIGS.glob('*.yaml') if not p.stem.startswith('camvid_'))
+    assert paper == sorted(METHODS)
     for method in METHODS:
         assert load_config(CONFIGS / f'{method}.yaml').method == method
+
+
+@pytest.mark.parametrize('name', sorted(CAMVID_CONFIGS))
+def test_camvid_configs_train_11_classes_on_camvid(name):
+    cfg = load_config(CONFIGS / f'{name}.yaml')
+    assert cfg.method == CAMVID_CONFIGS[name] and cfg.data.dataset == 'camvid'
+    assert cfg.model.num_classes == 11 and cfg.data.mean_fill == (105, 108, 110)
+    assert cfg.data.crop_size == (240, 320) and cfg.data.color_jitter == 0.3
+    if cfg.method != 'closed_set':
+        # negatives of at most half the crop's shorter side, as the paper's 384 in 768
+        assert cfg.negatives.ade_crop <= 120 and cfg.model.outlier_head
+
+
+def test_camvid_needs_11_classes_and_color_jitter_is_bounded():
+    with pytest.raises(ConfigError, match='set model.num_classes=11'):
+        load_config(CONFIGS / 'camvid_oodhead.yaml', ['model.num_classes=12'])
+    with pytest.raises(ConfigError, match=r'data.color_jitter must lie in \[0, 1\)'):
+        load_config(CONFIGS / 'camvid_oodhead.yaml', ['data.color_jitter=1.5'])
+    with pytest.raises(ConfigError, match='data.dataset must be one of'):
+        load_config(CONFIGS / 'camvid_oodhead.yaml', ['data.dataset=cityscapes'])
 
 
 @pytest.mark.parametrize('method', STAGE2)

@@ -1,4 +1,5 @@
-"""`anomaly-seg demo` end to end on a tiny exported model: outputs, table, model card."""
+"""`anomaly-seg demo` end to end on a tiny exported model: outputs, table, model card; the real
+drive (the committed CamVid sample with pasted anomalies) and the synthetic street."""
 
 import argparse
 import json
@@ -12,8 +13,11 @@ from anomaly_seg_node import cli, demo
 from anomaly_seg_node.errors import ConfigError
 from training.export import DeployModel, export_artifact
 
-FRAMES = 10  # seed 0: every frame has anomaly pixels (a 6-frame drive has none)
-DRIVE = ['--frames', str(FRAMES), '--size', '72x128', '--no-progress']
+FRAMES = 6  # of the committed sample, each with pasted anomalies
+DRIVE = ['--frames', str(FRAMES), '--no-progress']
+SYNTHETIC_FRAMES = 10  # seed 0: every frame has anomaly pixels (a 6-frame drive has none)
+SYNTHETIC = ['--synthetic', '--frames', str(SYNTHETIC_FRAMES), '--size', '72x128']
+PRIOR = 'centre prior (ignores the image)'
 
 
 @pytest.fixture(scope='module')
@@ -37,8 +41,10 @@ def test_demo_writes_every_output_and_the_table(artifacts: dict[str, Path], tmp_
     out = tmp_path / 'demo'
     report = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(out))
     for name in ('metrics.json', 'summary.md', 'frames.jsonl', 'overlay.mp4',
-                 'contact_sheet.png', 'pr_curves.png', 'roc_curves.png', 'preview.png'):
+                 'contact_sheet.png', 'pr_curves.png', 'roc_curves.png', 'drive/paste.json'):
         assert (out / name).is_file(), name
+    assert report['bag']['kind'].startswith('real') and report['bag']['size'] == [360, 480]
+    assert len(list((out / 'drive' / 'test').iterdir())) == FRAMES
     assert cv2.imread(str(out / 'contact_sheet.png')).shape[1] == 3 * 320 + 8
     video = cv2.VideoCapture(str(out / 'overlay.mp4'))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
@@ -47,11 +53,15 @@ def test_demo_writes_every_output_and_the_table(artifacts: dict[str, Path], tmp_
     assert metrics['demo'] == table
     share = metrics['metrics']['anomaly_pixel_share']
     assert table['anomaly_pixel_share'] == share and 0 < share < 0.5
-    (name, row), = table['rows'].items()
-    assert name == 'DH (this model)'
+    assert list(table['rows']) == ['DH (this model)', PRIOR]
+    row, prior = table['rows'].values()
     assert row['ap'] == metrics['metrics']['per_image']['ap']
-    check, = table['checks']
-    assert check['met'] == (row['ap'] >= 10 * share)
+    assert metrics['metrics']['labels'] == 'CamVid ids'
+    assert 0 < prior['ap'] < 1 and prior['miou'] is None
+    checks = {c['what']: c['met'] for c in table['checks']}
+    assert checks == {'per-image AP >= 10 x anomaly pixel share': row['ap'] >= 10 * share,
+                      f'per-image AP above {PRIOR}': row['ap'] > prior['ap'],
+                      f'FPR95 below {PRIOR}': row['fpr95'] < prior['fpr95']}
     assert 'no model card' in table['note']
     summary = (out / 'summary.md').read_text()
     assert summary.startswith('# anomaly-seg demo')
@@ -65,11 +75,11 @@ def test_baseline_card_is_written_then_printed(artifacts: dict[str, Path], tmp_p
     card = tmp_path / 'tiny-DH.card.json'
     built = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'a'),
                   '--baseline', str(artifacts['MSP']), '--card', str(card))
-    assert list(built['table']['rows']) == ['DH (this model)', 'MSP (same checkpoint)']
-    assert [c['what'] for c in built['table']['checks']][1] == \
+    assert list(built['table']['rows']) == ['DH (this model)', PRIOR, 'MSP (same checkpoint)']
+    assert [c['what'] for c in built['table']['checks']][3] == \
         'per-image AP above MSP (same checkpoint)'
     document = json.loads(card.read_text())
-    assert document['drive'] == {'frames': FRAMES, 'size': [72, 128], 'seed': 0}
+    assert document['drive'] == {'sample': 'camvid', 'frames': FRAMES, 'seed': 0}
 
     later = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'b'),
                   '--card', str(card), '--baseline', str(artifacts['MSP']))
@@ -85,7 +95,7 @@ def test_baseline_card_is_written_then_printed(artifacts: dict[str, Path], tmp_p
         assert 'measured when the model was built' in shown['table']['note']
         other = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'd'),
                       '--seed', '1')
-        assert list(other['table']['rows']) == ['DH (this model)']
+        assert list(other['table']['rows']) == ['DH (this model)', PRIOR]
         assert 'another artifact or drive' in other['table']['note']
         beside.write_text('{not json')
         broken = _demo(capsys, '--artifact', str(artifacts['DH']), '--out', str(tmp_path / 'e'))
@@ -104,13 +114,27 @@ def test_card_needs_a_baseline_and_a_missing_artifact_is_skipped(
     report = _demo(capsys, '--artifact', str(tmp_path / 'none.json'), '--out',
                    str(tmp_path / 'y'))
     assert report['replay'].startswith('skipped: no artifact')
-    assert (tmp_path / 'y' / 'preview.png').is_file()
+    assert (tmp_path / 'y' / 'drive_bag').is_dir()
+
+
+def test_synthetic_drive_replays_the_procedural_street(
+        artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _demo(capsys, *SYNTHETIC, '--artifact', str(artifacts['DH']), '--out',
+                   str(tmp_path))
+    assert report['bag']['kind'] == 'synthetic' and report['bag']['size'] == [72, 128]
+    assert (tmp_path / 'preview.png').is_file() and report['files']['preview']
+    assert list(report['table']['rows']) == ['DH (this model)']  # no centre prior row
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert metrics['metrics']['labels'] == 'StreetHazards raw ids'
+    video = cv2.VideoCapture(str(tmp_path / 'overlay.mp4'))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == SYNTHETIC_FRAMES
 
 
 def test_drive_without_anomalies_reports_no_bar(artifacts: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(['--json', 'demo', '--frames', '6', '--size', '72x128', '--no-progress',
-                     '--artifact', str(artifacts['DH']), '--out', str(tmp_path)]) == 0
+    assert cli.main(['--json', 'demo', '--synthetic', '--frames', '6', '--size', '72x128',
+                     '--no-progress', '--artifact', str(artifacts['DH']), '--out',
+                     str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report['table']['checks'] == [] and report['files']['plots'] == []
     assert report['table']['rows']['DH (this model)']['ap'] is None

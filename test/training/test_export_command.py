@@ -123,7 +123,7 @@ def test_pasted_negative_calibration_has_known_thresholds(tmp_path: Path) -> Non
         BrightnessScores(), (64, 128), val_root=tmp_path / 'sh', mapping='densehybrid12',
         ade_root=ade, ade_crop=384, progress=False)
     thresholds = result.thresholds['DH']
-    assert result.default_threshold == 'tpr95'
+    assert result.default_threshold == 'fpr1'
     assert thresholds['tpr95'] == 1.0  # the lower edge of the bin of 1.0 is 1.0 itself
     assert 0.0 < thresholds['fpr1'] < 1e-30 and 0.0 < thresholds['fpr0.1'] < 1e-30
     pixels = result.info['pixels']
@@ -203,7 +203,7 @@ def test_checkpoint_export_calibrates_on_a_labelled_split(tmp_path: Path,
     assert call['size'] == (64, 96) and call['batch'] == 1
     assert report['calibration'] == 'labelled split' and 'notes' not in report
     assert set(thresholds) == {'tpr95', 'fpr1', 'fpr0.1'}
-    assert metadata['default_threshold'] == 'tpr95' and metadata['method'] == 'densehybrid'
+    assert metadata['default_threshold'] == 'fpr1' and metadata['method'] == 'densehybrid'
     training = metadata['training']
     assert training['step'] == 7 and training['untrained'] is False
     assert training['config']['data']['root'] == str(tmp_path / 'no_data_here')

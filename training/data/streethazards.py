@@ -8,7 +8,6 @@ split the anomaly mask is derived from the same raw ids, so the two always agree
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -23,6 +22,9 @@ from anomaly_seg_node.labels import (
     class_names,
     raw_to_train_lut,
 )
+from training.data.image_io import read_label_png, read_pair, read_rgb
+
+__all__ = ['StreetHazards', 'check_raw_ids', 'read_label_png', 'read_pair', 'read_rgb']
 
 # A joint transform: (HWC uint8 RGB image, HW uint8 label, generator) -> (image, label).
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -48,42 +50,6 @@ _OOD_LUT[list(RAW_CLASS_NAMES)] = OOD_INLIER
 _OOD_LUT[RAW_ANOMALY_ID] = OOD_ANOMALY
 _OOD_LUT[RAW_OTHER_ID] = OOD_IGNORE
 _OOD_LUT[IGNORE_ID] = OOD_IGNORE  # padding of the joint transform
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB; DataError if it cannot be read or decoded."""
-    return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR, 'image'), cv2.COLOR_BGR2RGB)
-
-
-def read_label_png(path: Path) -> np.ndarray:
-    """Decode a single-channel 8-bit label PNG to an HxW uint8 array, or raise DataError."""
-    label = _decode(path, cv2.IMREAD_UNCHANGED, 'label PNG')
-    if label.ndim != 2 or label.dtype != np.uint8:
-        channels = 1 if label.ndim == 2 else label.shape[2]
-        raise DataError(
-            f'label {path} must be a single-channel 8-bit PNG of class ids, found {channels} '
-            f'channel(s) of {label.dtype}; save the id map as 8-bit grayscale')
-    return label
-
-
-def read_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB image and its label PNG of the same size (`read_rgb`, `read_label_png`)."""
-    image = read_rgb(image_path)
-    label = read_label_png(label_path)
-    if label.shape != image.shape[:2]:
-        raise DataError(
-            f'label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} '
-            f'is {image.shape[1]}x{image.shape[0]} (WxH); an annotation must match its image')
-    return image, label
-
-
-def _decode(path: Path, flags: int, what: str) -> np.ndarray:
-    decoded = cv2.imdecode(_read_bytes(path), flags)
-    if decoded is None:
-        raise DataError(
-            f'cannot decode {what} {path}: the file is corrupt, truncated or not an image; '
-            're-export or remove it')
-    return decoded
 
 
 def check_raw_ids(label: np.ndarray, path: Path) -> None:
@@ -215,14 +181,3 @@ def _index(
             f'no *.png images in {image_dir} for towns {list(chosen)}; '
             'check the root folder and that the data set was written completely')
     return chosen, samples
-
-
-def _read_bytes(path: Path) -> np.ndarray:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise DataError(f'cannot read {path}: {err.strerror or err}; check the file exists '
-                        'and is readable') from err
-    if not data:
-        raise DataError(f'file {path} is empty; re-export or remove it')
-    return np.frombuffer(data, dtype=np.uint8)

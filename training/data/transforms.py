@@ -94,12 +94,40 @@ def scale_crop(
     return resize_pair(box_image, box_label, (crop_h, crop_w), interpolation)
 
 
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Photometric jitter of an RGB uint8 image: brightness, contrast and saturation factors
+    each drawn from U[1 - strength, 1 + strength], applied in a random order.
+
+    Cameras differ in exposure and colour far more than one training set shows; the labels are
+    unchanged. strength 0 returns the image untouched and draws nothing from `rng`.
+    """
+    if strength <= 0:
+        return image
+    x = image.astype(np.float32)
+    factors = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    for op in rng.permutation(3):
+        f = float(factors[op])
+        if op == 0:  # brightness
+            x *= f
+        elif op == 1:  # contrast: towards the mean grey level
+            grey = float((x @ _LUMA).mean())
+            x = grey + f * (x - grey)
+        else:  # saturation: towards each pixel's grey
+            grey_map = (x @ _LUMA)[..., None]
+            x = grey_map + f * (x - grey_map)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class JointTransform:
     """Training transform: random horizontal flip, then scale jitter with a padded crop.
 
     crop_size is a square side (768 in the paper) or (h, w), e.g. (192, 384) for small budgets.
-    mean_fill is the RGB that pads the image; ignore_id pads the label.
+    mean_fill is the RGB that pads the image; ignore_id pads the label. color_jitter > 0 adds
+    `color_jitter` after the crop (0, the default, leaves the random stream as it was).
     """
 
     crop_size: int | tuple[int, int] = 768
@@ -108,8 +136,11 @@ class JointTransform:
     mean_fill: tuple[int, int, int] = STREETHAZARDS_MEAN_RGB
     ignore_id: int = IGNORE_ID
     interpolation: str = 'linear'
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.color_jitter < 1:
+            raise ConfigError(f'color_jitter must lie in [0, 1), got {self.color_jitter!r}')
         h, w = self.crop_hw
         if h < 1 or w < 1:
             raise ConfigError(f'crop_size must be positive, got {self.crop_size!r}')
@@ -140,9 +171,10 @@ class JointTransform:
         # Flip first, then crop, as SwiftNet's pipeline does.
         if self.flip and rng.random() < 0.5:
             image, label = hflip(image, label)
-        return scale_crop(
+        image, label = scale_crop(
             image, label, rng, self.crop_hw, self.scale_range, self.mean_fill, self.ignore_id,
             self.interpolation)
+        return color_jitter(image, rng, self.color_jitter), label
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,15 @@ def _messages(ts: Any) -> dict[str, Any]:
 
 def camera_info(msgs: dict[str, Any], header: Any, cam: Camera) -> Any:
     """sensor_msgs/CameraInfo of the renderer's distortion-free pinhole camera."""
-    k = cam.intrinsics()
+    return pinhole_info(msgs, header, cam.intrinsics(), cam.height, cam.width)
+
+
+def pinhole_info(msgs: dict[str, Any], header: Any, k: np.ndarray, height: int,
+                 width: int) -> Any:
+    """sensor_msgs/CameraInfo of a distortion-free pinhole camera with 3x3 intrinsics `k`."""
     p = np.concatenate([k, np.zeros((3, 1))], 1)
     return msgs['CameraInfo'](
-        header=header, height=cam.height, width=cam.width, distortion_model='plumb_bob',
+        header=header, height=height, width=width, distortion_model='plumb_bob',
         d=np.zeros(5), k=k.reshape(-1), r=np.eye(3).reshape(-1), p=p.reshape(-1),
         binning_x=0, binning_y=0,
         roi=msgs['ROI'](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
@@ -87,14 +92,54 @@ def image_msg(msgs: dict[str, Any], header: Any, array: np.ndarray, encoding: st
                          step=w * channels, data=np.ascontiguousarray(array).reshape(-1))
 
 
-def write_bag(out: Path | str, frames: int, size: tuple[int, int] = (360, 640),
-              storage: str = 'mcap', encoding: str = 'rgb8', compressed: bool = False,
-              seed: int = 0, rate_hz: float = 10.0, overwrite: bool = False,
-              progress: bool = True) -> dict[str, Any]:
-    """Write a drive of `frames` frames to the rosbag2 folder `out`; return its manifest."""
-    from rosbags.rosbag2 import Writer
+class FrameBagWriter:
+    """Writes camera frames (image, optional jpeg, camera_info, labels) into an open rosbag2.
+
+    `writer` is a `rosbags.rosbag2.Writer` that is open; every frame's messages share one header.
+    """
+
+    def __init__(self, writer: Any, encoding: str, compressed: bool) -> None:
+        from rosbags.typesys import Stores, get_typestore
+
+        self.ts = get_typestore(Stores.ROS2_HUMBLE)
+        self.msgs = _messages(self.ts)
+        self.writer = writer
+        self.encoding = encoding
+        self.compressed = compressed
+        image_type = self.msgs['Image'].__msgtype__
+        self.conn = {
+            'image': writer.add_connection(TOPICS['image'], image_type, typestore=self.ts),
+            'info': writer.add_connection(TOPICS['info'], self.msgs['CameraInfo'].__msgtype__,
+                                          typestore=self.ts),
+            'labels': writer.add_connection(TOPICS['labels'], image_type, typestore=self.ts)}
+        if compressed:
+            self.conn['compressed'] = writer.add_connection(
+                TOPICS['compressed'], self.msgs['CompressedImage'].__msgtype__,
+                typestore=self.ts)
+
+    def write(self, stamp: int, rgb: np.ndarray, label: np.ndarray, info: Any) -> None:
+        """One frame at `stamp` (ns); `info(msgs, header)` makes its sensor_msgs/CameraInfo."""
+        msgs = self.msgs
+        header = msgs['Header'](stamp=msgs['Time'](sec=stamp // 10 ** 9, nanosec=stamp % 10 ** 9),
+                                frame_id=FRAME_ID)
+        pixels = encode_frame(rgb, self.encoding)
+        out_msgs = [('image', image_msg(msgs, header, pixels, self.encoding)),
+                    ('info', info(msgs, header)),
+                    ('labels', image_msg(msgs, header, label, 'mono8'))]
+        if self.compressed:
+            bgr_or_grey = pixels if self.encoding == 'mono8' else encode_frame(rgb, 'bgr8')
+            ok, jpeg = cv2.imencode('.jpg', bgr_or_grey, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            if not ok:
+                raise DataError(f'OpenCV could not JPEG-encode the frame at {stamp} ns')
+            out_msgs.append(('compressed', msgs['CompressedImage'](
+                header=header, format='jpeg', data=jpeg.reshape(-1))))
+        for key, msg in out_msgs:
+            self.writer.write(self.conn[key], stamp, self.ts.serialize_cdr(msg, msg.__msgtype__))
+
+
+def check_bag_options(storage: str, encoding: str) -> Any:
+    """The rosbags storage plugin of `storage`, or BagError / DataError naming the choices."""
     from rosbags.rosbag2.enums import StoragePlugin
-    from rosbags.typesys import Stores, get_typestore
 
     if storage not in STORAGES:
         raise BagError(f'bag storage must be one of {STORAGES}, got {storage!r}; '
@@ -102,6 +147,17 @@ def write_bag(out: Path | str, frames: int, size: tuple[int, int] = (360, 640),
     if encoding not in ENCODINGS:
         raise DataError(f'image encoding must be one of {ENCODINGS}, got {encoding!r}; '
                         'pass --encoding rgb8, bgr8 or mono8')
+    return StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+
+
+def write_bag(out: Path | str, frames: int, size: tuple[int, int] = (360, 640),
+              storage: str = 'mcap', encoding: str = 'rgb8', compressed: bool = False,
+              seed: int = 0, rate_hz: float = 10.0, overwrite: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Write a drive of `frames` frames to the rosbag2 folder `out`; return its manifest."""
+    from rosbags.rosbag2 import Writer
+
+    plugin = check_bag_options(storage, encoding)
     if int(frames) < 1:
         raise DataError(f'a bag needs at least 1 frame, got {frames}; pass --frames 50')
     if not rate_hz > 0 or not np.isfinite(rate_hz):
@@ -109,8 +165,6 @@ def write_bag(out: Path | str, frames: int, size: tuple[int, int] = (360, 640),
                         'pass --rate 10')
     size, seed = check_size(size), check_seed(seed)
     start = time.perf_counter()
-    ts = get_typestore(Stores.ROS2_HUMBLE)
-    msgs = _messages(ts)
     cam, travel, world = drive(int(frames), size, seed, float(rate_hz))
     period_ns = int(round(1e9 / rate_hz))
     anomaly_frames = 0
@@ -122,40 +176,16 @@ def write_bag(out: Path | str, frames: int, size: tuple[int, int] = (360, 640),
                                          if compressed or k != 'compressed'},
         'start_ns': START_NS, 'speed_m_per_frame': travel[1] - travel[0] if frames > 1 else 0.0,
     }
-    plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
     with staged_output(out, overwrite) as path:
         with Writer(path, version=8, storage_plugin=plugin) as writer:
-            conn = {'image': writer.add_connection(TOPICS['image'], msgs['Image'].__msgtype__,
-                                                   typestore=ts),
-                    'info': writer.add_connection(TOPICS['info'],
-                                                  msgs['CameraInfo'].__msgtype__, typestore=ts),
-                    'labels': writer.add_connection(TOPICS['labels'], msgs['Image'].__msgtype__,
-                                                    typestore=ts)}
-            if compressed:
-                conn['compressed'] = writer.add_connection(
-                    TOPICS['compressed'], msgs['CompressedImage'].__msgtype__, typestore=ts)
+            frame_writer = FrameBagWriter(writer, encoding, compressed)
             for i in tqdm(range(int(frames)), desc='synth bag', unit='frame',
                           disable=not progress):
                 cam.z = travel[i]
                 rgb, label = render(world, cam, np.random.default_rng([seed, BAG_STREAM, i]))
                 anomaly_frames += bool((label == RAW_ANOMALY_ID).any())
-                stamp = START_NS + i * period_ns
-                header = msgs['Header'](
-                    stamp=msgs['Time'](sec=stamp // 10 ** 9, nanosec=stamp % 10 ** 9),
-                    frame_id=FRAME_ID)
-                pixels = encode_frame(rgb, encoding)
-                out_msgs = [('image', image_msg(msgs, header, pixels, encoding)),
-                            ('info', camera_info(msgs, header, cam)),
-                            ('labels', image_msg(msgs, header, label, 'mono8'))]
-                if compressed:
-                    bgr_or_grey = pixels if encoding == 'mono8' else encode_frame(rgb, 'bgr8')
-                    ok, jpeg = cv2.imencode('.jpg', bgr_or_grey, [cv2.IMWRITE_JPEG_QUALITY, 90])
-                    if not ok:
-                        raise DataError(f'OpenCV could not JPEG-encode frame {i}')
-                    out_msgs.append(('compressed', msgs['CompressedImage'](
-                        header=header, format='jpeg', data=jpeg.reshape(-1))))
-                for key, msg in out_msgs:
-                    writer.write(conn[key], stamp, ts.serialize_cdr(msg, msg.__msgtype__))
+                frame_writer.write(START_NS + i * period_ns, rgb, label,
+                                   lambda msgs, header: camera_info(msgs, header, cam))
             manifest['frames_with_anomaly'] = anomaly_frames
             writer.set_custom_data('anomaly_seg.synth', json.dumps(manifest, sort_keys=True))
     return {**manifest, 'out': str(out), 'seconds': round(time.perf_counter() - start, 3)}

