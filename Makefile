@@ -8,7 +8,7 @@ ROS_PY := $(ROS_VENV)/bin/python
 PIP_FLAGS ?= -q --progress-bar off
 DEMO_OUT ?= out/demo
 
-.PHONY: install install-ros test lint pytest test-runtime-ros demo demo-model clean
+.PHONY: install install-ros test lint typecheck pytest test-runtime-ros demo demo-model clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ $(ROS_VENV)/.installed: requirements-runtime.txt constraints-ros.txt
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The vehicle runtime (anomaly_seg_node) under mypy; settings in mypy.ini.
+typecheck: install
+	$(VENV)/bin/mypy
+
 pytest: install
 	$(PY) -m pytest test
 
@@ -40,7 +44,7 @@ test-runtime-ros: install-ros
 	$(ROS_PY) -c 'import numpy; assert numpy.__version__.startswith("1."), numpy.__version__'
 	$(ROS_PY) -m pytest test/runtime -p no:cacheprovider
 
-test: lint pytest test-runtime-ros
+test: lint typecheck pytest test-runtime-ros
 
 demo: install
 	$(VENV)/bin/anomaly-seg demo --out $(DEMO_OUT)
@@ -52,4 +56,4 @@ demo-model: install
 	CAMVID=$(CAMVID) bash scripts/build_demo_model.sh
 
 clean:
-	rm -rf $(VENV) $(ROS_VENV) build install log out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ROS_VENV) build install log out .pytest_cache .ruff_cache .mypy_cache

@@ -5,21 +5,22 @@ from glob import glob
 from setuptools import find_packages, setup
 
 package_name = 'anomaly_seg'
+# The artifacts the package ships: the demo model (sidecar, model card, graph). Anything else in
+# models/ is a user's own export and stays out of the install tree.
+SHIPPED_MODELS = ['models/demo.json', 'models/demo.card.json', 'models/demo.onnx']
 
 setup(
     name=package_name,
     version='0.1.0',
-    packages=find_packages(include=['anomaly_seg_node', 'anomaly_seg_node.*',
-                                    'training', 'training.*']),
+    packages=find_packages(include=['anomaly_seg_node', 'anomaly_seg_node.*', 'anomaly_seg_tools',
+                                    'anomaly_seg_tools.*', 'training', 'training.*']),
     package_data={'training': ['configs/*.yaml']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
         ('share/' + package_name + '/config', glob('config/*.yaml')),
-        # Artifacts: sidecars, model cards and their weights (NAME.onnx, NAME.pt2 when shipped).
-        ('share/' + package_name + '/models',
-         sorted(glob('models/*.json') + glob('models/*.onnx') + glob('models/*.pt2'))),
+        ('share/' + package_name + '/models', SHIPPED_MODELS),
     ],
     install_requires=['setuptools'],
     zip_safe=True,
@@ -28,11 +29,12 @@ setup(
     description='Open-set semantic segmentation with a dense anomaly score for vehicle cameras.',
     license='Apache-2.0',
     python_requires='>=3.10',
-    extras_require={'tensorrt': ['torch-tensorrt==2.14.*']},
+    # 'test' makes colcon test run pytest (without it colcon falls back to unittest).
+    extras_require={'tensorrt': ['torch-tensorrt==2.14.*'], 'test': ['pytest']},
     entry_points={
         'console_scripts': [
             'anomaly_seg_node = anomaly_seg_node.node:main',
-            'anomaly-seg = anomaly_seg_node.cli:main',
+            'anomaly-seg = anomaly_seg_tools.cli:main',
         ],
     },
 )

@@ -7,6 +7,11 @@ contract, the score, the classes and the named thresholds. `read_sidecar` refuse
 malformed or unknown-version sidecar, or one whose listed files are missing or differ, before
 anything is loaded.
 
+An int8 artifact (`anomaly-seg export --int8`, written beside the fp32 one as NAME-int8) is
+the same contract with a statically quantised ONNX graph: `precision` is 'int8', `quantization`
+says how it was made and calibrated, it ships no .pt2 (onnxruntime on the CPU runs it) and its
+thresholds were calibrated on its own scores.
+
 Artifacts are code: a .pt2 or .onnx file can make the runtime do anything its operators allow.
 Load them only from sources you trust; the sha256 proves integrity, not authorship.
 
@@ -35,6 +40,8 @@ OUTPUT_NAMES = ('labels', 'anomaly_score')
 # Where the graph computes the score (ScoreSpec.resolution).
 SCORE_RESOLUTIONS = ('input', 'stride4')
 OUTPUT_DTYPES = {'labels': 'int32', 'anomaly_score': 'float32'}
+# What the .onnx graph computes in: float32 throughout, or int8 QDQ (Sidecar.precision).
+MODEL_PRECISIONS = ('fp32', 'int8')
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
 
 
@@ -102,6 +109,10 @@ class Sidecar:
     training: dict[str, Any] = field(default_factory=dict)
     code_version: str = 'unknown'
     created: str = ''
+    # 'int8': NAME.onnx is a statically quantised QDQ graph; `quantization` says how it was
+    # made (format, calibration frames, the fp32 graph it was checked against).
+    precision: str = 'fp32'
+    quantization: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     source: str | None = field(default=None, compare=False)
 
@@ -172,6 +183,8 @@ class Sidecar:
             'training': self.training,
             'code_version': self.code_version,
             'created': self.created,
+            'precision': self.precision,
+            **({'quantization': self.quantization} if self.quantization else {}),
         }
 
 
@@ -368,6 +381,20 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
             check.fail(f'files.{kind}.sha256', '64 lower-case hex digits', digest)
         files[kind] = FileRef(name=name, sha256=digest)
 
+    # Absent in sidecars written before int8 artifacts existed: those are float32 graphs.
+    precision = check.choice(document, 'precision', MODEL_PRECISIONS, default='fp32')
+    quantization = check.get(document, 'quantization', Mapping) \
+        if 'quantization' in document else {}
+    if precision == 'int8':
+        if not quantization:
+            check.fail('quantization', 'a non-empty object (how the int8 graph was made) for '
+                       'precision int8', quantization)
+        if 'pt2' in files:
+            check.fail('files.pt2', 'absent for precision int8 (the int8 graph is the .onnx; a '
+                       '.pt2 would run float weights against int8 thresholds)', files_doc['pt2'])
+    elif quantization:
+        check.fail('quantization', f'absent for precision {precision}', quantization)
+
     return Sidecar(
         schema_version=version,
         method=method,
@@ -383,6 +410,8 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         training=dict(check.get(document, 'training', Mapping)),
         code_version=check.get(document, 'code_version', str),
         created=check.get(document, 'created', str),
+        precision=precision,
+        quantization=dict(quantization),
     )
 
 

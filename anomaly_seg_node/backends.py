@@ -5,9 +5,13 @@ A `Segmenter` takes uint8 RGB frames already resized to the artifact's size (`[H
 graph, and returns int32 labels and float32 anomaly scores `[N, H, W]`.
 
 torch, torch_tensorrt and onnxruntime are imported only inside the backend that needs them, so a
-missing optional package is a clear BackendError at load time, not an import crash. An
+missing optional package is a clear BackendError at load time, not an import crash; every
+TensorRT import goes through `import_tensorrt`, so a torch_tensorrt that is installed but does
+not load (OSError from libnvinfer) is a reason too, and auto falls back past it. An
 ONNX-only artifact (exported with `--formats onnx`) runs in onnxruntime only: torch and tensorrt
-refuse it, and auto passes them over, saying so in its reason.
+refuse it, and auto passes them over, saying so in its reason. An int8 artifact (a QDQ graph with
+uint8 activations, made for ONNX Runtime's CPU kernels) runs in onnxruntime on the CPU only;
+its segmenter reports precision 'int8' whatever precision was asked for.
 """
 
 import abc
@@ -19,12 +23,14 @@ import json
 import os
 from pathlib import Path
 import re
+import sys
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from anomaly_seg_node.artifact import Sidecar, missing_format_fix, read_sidecar
-from anomaly_seg_node.errors import BackendError
+from anomaly_seg_node.errors import ArtifactError, BackendError
 
 BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
 DEVICES = ('cpu', 'cuda')
@@ -115,6 +121,9 @@ def cannot_run(sidecar: Sidecar, backend: str) -> str:
     kind = BACKEND_FILES.get(backend)
     if kind is None or sidecar.has(kind):
         return ''
+    if sidecar.precision == 'int8':
+        return (f'backend {backend} runs NAME.{kind}, but {sidecar.source or "this artifact"} '
+                f'is an int8 artifact: {int8_note(sidecar)}')
     return (f'backend {backend} runs NAME.{kind}, but {missing_format_fix(kind)} '
             f'(artifact {sidecar.source or "not read from a file"}; or use backend onnxruntime)')
 
@@ -126,6 +135,15 @@ def require_file(sidecar: Sidecar, backend: str) -> None:
         raise BackendError(why)
 
 
+def int8_note(sidecar: Sidecar) -> str:
+    """Where an int8 artifact runs, and what to use elsewhere."""
+    reference = sidecar.quantization.get('reference', {})
+    fp32 = reference.get('sidecar') if isinstance(reference, Mapping) else None
+    return ('its .onnx is a statically quantised QDQ graph (uint8 activations) made for '
+            'onnxruntime on the CPU; use backend onnxruntime with device cpu, or the fp32 '
+            f'artifact {fp32 or "it was made from"} for the GPU, torch and tensorrt')
+
+
 class OnnxRuntimeSegmenter(Segmenter):
     """NAME.onnx in ONNX Runtime: CPU, or the TensorRT / CUDA execution providers on 'cuda'."""
 
@@ -133,8 +151,14 @@ class OnnxRuntimeSegmenter(Segmenter):
 
     def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
                  engine_cache_dir: str | os.PathLike | None = None) -> None:
-        ort = _import('onnxruntime', 'onnxruntime', "pip install 'onnxruntime>=1.20'")
+        ort = _import('onnxruntime', 'onnxruntime', "'onnxruntime>=1.20'")
         available = ort.get_available_providers()
+        if sidecar.precision == 'int8':
+            # The graph fixes the precision; the CUDA provider would dequantise every layer and
+            # TensorRT takes symmetric int8 activations only.
+            if device != 'cpu':
+                raise BackendError(f'device {device} asked, but {int8_note(sidecar)}')
+            precision = 'fp32'
         if device == 'cpu':
             if precision != 'fp32':
                 raise BackendError(
@@ -166,7 +190,10 @@ class OnnxRuntimeSegmenter(Segmenter):
             providers.append('CPUExecutionProvider')
         super().__init__(sidecar, device, precision, reason)
         path = sidecar.file_path('onnx')
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # ORT's own classes: InvalidProtobuf, InvalidGraph, Fail, ...
+            raise _session_error(error, path, providers) from None
         self.providers = self.session.get_providers()
         # A listed GPU provider can still fail to start (missing CUDA/TensorRT libraries);
         # ORT then falls back silently, which must not pass for what was asked.
@@ -178,12 +205,9 @@ class OnnxRuntimeSegmenter(Segmenter):
             raise BackendError(
                 'onnxruntime could not start its TensorRT execution provider, so fp16 is not '
                 'available; install TensorRT for onnxruntime, or use precision fp32')
-        inputs = [node.name for node in self.session.get_inputs()]
-        outputs = [node.name for node in self.session.get_outputs()]
-        if inputs != ['image'] or sorted(outputs) != ['anomaly_score', 'labels']:
-            raise BackendError(
-                f'{path.name} has inputs {inputs} and outputs {outputs}; expected input '
-                "['image'] and outputs ['labels', 'anomaly_score']; re-export the artifact")
+        check_onnx_signature(self.session, sidecar, path)
+        if sidecar.precision == 'int8':
+            self.precision = 'int8'
 
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # ONNX Runtime feeds from host memory, so the host is the right place to convert.
@@ -191,6 +215,61 @@ class OnnxRuntimeSegmenter(Segmenter):
         image = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
         labels, score = self.session.run(['labels', 'anomaly_score'], {'image': image})
         return labels, score
+
+
+# ONNX element types (as ONNX Runtime names them) of the sidecar's dtypes.
+_ORT_TYPES = {'float32': 'tensor(float)', 'int32': 'tensor(int32)'}
+# ONNX Runtime errors that mean the file itself is no usable graph.
+_ORT_FILE_ERRORS = ('InvalidProtobuf', 'InvalidGraph', 'NoModel', 'NoSuchFile')
+
+
+def check_onnx_signature(session: Any, sidecar: Sidecar, path: Path) -> None:
+    """ArtifactError unless the graph's inputs and outputs (names, element types, static
+    shapes) are what the sidecar declares: a .onnx from another export fails here, at load,
+    instead of in ONNX Runtime at the first frame."""
+    batch, height, width = sidecar.input.batch, sidecar.input.height, sidecar.input.width
+    expected = {'image': ('float32', [batch, 3, height, width])}
+    expected.update({name: (spec['dtype'], spec['shape'])
+                     for name, spec in sidecar.outputs.items()})
+    found = {arg.name: (arg.type, arg.shape)
+             for arg in [*session.get_inputs(), *session.get_outputs()]}
+    inputs = [arg.name for arg in session.get_inputs()]
+    outputs = [arg.name for arg in session.get_outputs()]
+    problems = []
+    if inputs != ['image'] or sorted(outputs) != sorted(sidecar.outputs):
+        problems.append(f'the graph has inputs {inputs} and outputs {outputs}, the sidecar '
+                        f"expects input ['image'] and outputs {list(sidecar.outputs)}")
+    else:
+        for name, (dtype, shape) in expected.items():
+            kind, dims = found[name]
+            if kind != _ORT_TYPES[dtype] or list(dims) != shape:
+                problems.append(f'{name!r} is {_words(kind)} {list(dims)} in the graph, '
+                                f'{dtype} {shape} in the sidecar')
+    if problems:
+        raise ArtifactError(
+            f'{path} does not match its sidecar {sidecar.source}: {"; ".join(problems)}. The '
+            'two files come from different exports: re-export the artifact with anomaly-seg '
+            'export (or put back the .onnx that belongs to this sidecar)')
+
+
+def _words(ort_type: str) -> str:
+    """ONNX Runtime's 'tensor(float)' in the sidecar's spelling, 'float32'."""
+    name = ort_type.removeprefix('tensor(').removesuffix(')')
+    return {'float': 'float32', 'double': 'float64'}.get(name, name)
+
+
+def _session_error(error: Exception, path: Path, providers: list[Any]) -> Exception:
+    """The project's error for an ONNX Runtime session that does not start."""
+    if type(error).__name__ in _ORT_FILE_ERRORS or 'Load model from' in str(error):
+        return ArtifactError(
+            f'{path} is not a valid ONNX graph ({type(error).__name__}: {error}); a sha256 '
+            'that matches the sidecar only proves the sidecar was written for these bytes: '
+            're-export the artifact with anomaly-seg export')
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    return BackendError(
+        f'onnxruntime could not start a session for {path} with {names} '
+        f'({type(error).__name__}: {error}); check the onnxruntime installation and its '
+        'execution providers, or use device cpu')
 
 
 class TorchSegmenter(Segmenter):
@@ -202,7 +281,7 @@ class TorchSegmenter(Segmenter):
                  module: Any = None) -> None:
         if module is None:
             require_file(sidecar, 'torch')
-        torch = _import('torch', 'torch', 'pip install -r requirements.txt (torch 2.14)')
+        torch = _import('torch', 'torch', "'torch==2.14.*'")
         _check_torch_device(torch, device, precision)
         super().__init__(sidecar, device, precision, reason)
         self.torch = torch
@@ -242,14 +321,13 @@ class TensorRTSegmenter(TorchSegmenter):
     def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
                  engine_cache_dir: str | os.PathLike | None = None) -> None:
         require_file(sidecar, 'tensorrt')
-        if importlib.util.find_spec('torch_tensorrt') is None:
-            raise BackendError(
-                "torch_tensorrt not installed: pip install 'anomaly_seg[tensorrt]' "
-                '(torch-tensorrt 2.14 for torch 2.14), or use backend torch/onnxruntime')
+        trt = import_tensorrt()
+        if isinstance(trt, str):
+            raise BackendError(f'{tensorrt_fix(trt)}; or use backend torch/onnxruntime')
         if device != 'cuda':
             raise BackendError('the tensorrt backend runs on a GPU only; use device cuda, '
                                'or backend onnxruntime/torch on the CPU')
-        torch = _import('torch', 'torch', 'pip install -r requirements.txt (torch 2.14)')
+        torch = _import('torch', 'torch', "'torch==2.14.*'")
         _check_torch_device(torch, device, precision)
         path = engine_path(sidecar, precision, engine_cache_dir)
         if not path.is_file():
@@ -257,13 +335,6 @@ class TensorRTSegmenter(TorchSegmenter):
                 f'no engine for this artifact/GPU ({path.name} not in {path.parent}); build it '
                 f'with: anomaly-seg build-engine --artifact {sidecar.source} '
                 f'--precision {precision}')
-        try:
-            import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops for loading)
-        except (ImportError, OSError) as error:
-            raise BackendError(
-                f'torch_tensorrt is installed but does not import ({error}); install the '
-                f"build matching torch {torch.__version__}: pip install 'anomaly_seg[tensorrt]'"
-            ) from None
         self.engine_path = path
         try:
             module = torch.export.load(str(path)).module()
@@ -281,7 +352,11 @@ class TensorRTSegmenter(TorchSegmenter):
 def load(sidecar: str | os.PathLike | Sidecar, backend: str = 'auto', device: str = 'cpu',
          precision: str = 'fp32', engine_cache_dir: str | os.PathLike | None = None
          ) -> Segmenter:
-    """Load the artifact into a backend; `auto` records its choice and reason on the result."""
+    """Load the artifact into a backend; `auto` records its choice and reason on the result.
+
+    An int8 artifact runs as int8 whatever `precision` asks (the graph fixes it); the result's
+    `precision` says 'int8'.
+    """
     for name, value, allowed in (('backend', backend, BACKENDS), ('device', device, DEVICES),
                                  ('precision', precision, PRECISIONS)):
         if value not in allowed:
@@ -310,6 +385,11 @@ def choose_backend(sidecar: Sidecar, device: str, precision: str,
     torch cannot reach CUDA but onnxruntime can (a vehicle without torch), or when the artifact
     ships no .pt2 (torch and tensorrt need it), else on the CPU.
     """
+    if sidecar.precision == 'int8':
+        # 'fp32': the runtime setting that runs the graph as it is; the segmenter says int8.
+        return ('onnxruntime', 'cpu', 'fp32',
+                f'int8 artifact: onnxruntime on the CPU, where its QDQ graph runs (device '
+                f'{device} asked)')
     if device == 'cpu':
         note = '' if precision == 'fp32' else ' (fp16 needs cuda: running fp32)'
         return 'onnxruntime', 'cpu', 'fp32', f'device cpu asked: onnxruntime on the CPU{note}'
@@ -319,8 +399,9 @@ def choose_backend(sidecar: Sidecar, device: str, precision: str,
     else:
         cuda_note = _cuda_unavailable()
     if not cuda_note:
-        if importlib.util.find_spec('torch_tensorrt') is None:
-            why = 'torch_tensorrt is not installed'
+        trt = import_tensorrt()
+        if isinstance(trt, str):
+            why = trt
         else:
             path = engine_path(sidecar, precision, engine_cache_dir)
             if path.is_file():
@@ -358,22 +439,59 @@ def _cuda_unavailable() -> str:
 
 
 def engine_environment() -> dict[str, str]:
-    """This machine's part of the engine cache key: GPU, compute capability and versions."""
-    import torch
-    import torch_tensorrt
+    """This machine's part of the engine cache key: GPU, compute capability and versions.
 
-    try:
-        import tensorrt
-        trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = 'unknown'
+    BackendError when torch_tensorrt does not import (not installed, or a build that does not
+    match this machine's TensorRT/CUDA libraries).
+    """
+    torch_tensorrt = import_tensorrt()
+    if isinstance(torch_tensorrt, str):
+        raise BackendError(tensorrt_fix(torch_tensorrt))
+    import torch
+
+    tensorrt = import_tensorrt('tensorrt')
     return {
         'gpu': torch.cuda.get_device_name(),
         'compute_capability': '.'.join(map(str, torch.cuda.get_device_capability())),
         'torch': torch.__version__,
         'torch_tensorrt': torch_tensorrt.__version__,
-        'tensorrt': trt_version,
+        'tensorrt': 'unknown' if isinstance(tensorrt, str) else tensorrt.__version__,
     }
+
+
+TENSORRT_REQUIREMENT = "'torch-tensorrt==2.14.*'"
+TENSORRT_MODULES = ('torch_tensorrt', 'tensorrt')
+
+
+def import_tensorrt(name: str = 'torch_tensorrt') -> ModuleType | str:
+    """The TensorRT module `name` (torch_tensorrt or tensorrt), or why it cannot be used.
+
+    Every TensorRT import of the runtime goes through here. A vehicle's usual mismatch, a
+    torch_tensorrt wheel built for another TensorRT or CUDA, fails inside the import with an
+    OSError from libnvinfer (or an ImportError of a missing symbol, a RuntimeError of a version
+    check); the caller gets a short reason instead ('torch_tensorrt is not installed',
+    'torch_tensorrt does not import (OSError: ...)'), so `backend: auto` can fall back and
+    the others can name the fix (`tensorrt_fix`).
+    """
+    if name not in TENSORRT_MODULES:
+        raise ValueError(f'import_tensorrt imports {TENSORRT_MODULES}, not {name!r}')
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name in (None, name):
+            return f'{name} is not installed'
+        return f'{name} does not import ({type(error).__name__}: {error})'
+    except Exception as error:  # OSError from libnvinfer, ImportError, RuntimeError, ...
+        return f'{name} does not import ({type(error).__name__}: {error})'
+
+
+def tensorrt_fix(reason: str) -> str:
+    """A reason from `import_tensorrt`, followed by how to fix it."""
+    name = reason.split(' ', 1)[0]
+    if reason.endswith(' is not installed'):
+        return missing_package(name, TENSORRT_REQUIREMENT)
+    return (f"{reason}; install the torch-tensorrt build that matches torch and this machine's "
+            f'TensorRT and CUDA libraries: pip install {TENSORRT_REQUIREMENT}')
 
 
 def engine_cache_key(sidecar: Sidecar, precision: str,
@@ -434,7 +552,18 @@ def _drop_dtype_asserts(torch: Any, module: Any) -> Any:
     return module
 
 
-def _import(module: str, package: str, fix: str) -> Any:
+def missing_package(package: str, requirement: str) -> str:
+    """Why `package` cannot be imported and how to fix it, naming the running interpreter: a
+    console script built outside the virtual environment runs another Python than the one
+    the packages went into."""
+    python = sys.executable or 'python3'
+    return (f'{package} is not installed for {python}, the Python this runs under; start from '
+            'the environment that has it (activate that virtual environment before ros2 run / '
+            'ros2 launch: the installed anomaly_seg_node runs the first python3 on PATH), or '
+            f'install it for this Python ({python} -m pip install {requirement})')
+
+
+def _import(module: str, package: str, requirement: str) -> Any:
     if importlib.util.find_spec(module) is None:
-        raise BackendError(f'{package} is not installed: {fix}')
+        raise BackendError(missing_package(package, requirement))
     return importlib.import_module(module)

@@ -338,19 +338,13 @@ def choose_topics(topics: Sequence[Topic], image_topic: str | None = None,
             raise BagError(f'label topic {label_topic} {found}; expected a mono8 '
                            f'sensor_msgs/Image topic of class ids. The bag has: {listing}')
     else:
-        found = [t for t in topics if t.msgtype == 'sensor_msgs/msg/Image'
-                 and is_label(t.topic) and t.topic != image.topic]
-        if len(found) > 1:
-            raise BagError(f'several label-like topics: {[t.topic for t in found]}; choose one '
-                           'with --label-topic')
-        label = found[0] if found else None
+        label_like = [t for t in topics if t.msgtype == 'sensor_msgs/msg/Image'
+                      and is_label(t.topic) and t.topic != image.topic]
+        if len(label_like) > 1:
+            raise BagError(f'several label-like topics: {[t.topic for t in label_like]}; choose '
+                           'one with --label-topic')
+        label = label_like[0] if label_like else None
     if label is not None and label.topic == image.topic:
         raise BagError(f'the image and label topics are the same ({image.topic}); pass '
                        '--label-topic with the topic of class-id frames')
     return BagTopics(image=image, image_kind=IMAGE_TYPES[image.msgtype], label=label)
-
-
-def stamp_ns(msg: Any) -> int:
-    """The header stamp of a message in ns (ROS 1 and ROS 2 messages alike)."""
-    stamp = msg.header.stamp
-    return int(stamp.sec) * 10 ** 9 + int(stamp.nanosec)

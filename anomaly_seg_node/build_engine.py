@@ -13,11 +13,13 @@ ONNX-only artifact (exported with `--formats onnx`) has no .pt2 to compile and i
 naming the re-export.
 
 The node calls `ensure_engine` at configure when `allow_engine_build` is true. This module
-imports torch and torch_tensorrt only inside the functions that build.
+imports torch only inside the functions that build, and torch_tensorrt only through
+`backends.import_tensorrt` (a build that does not load is a reason, not a crash). The compile
+call is torch-tensorrt 2.14's: strong typing always, fp16 by its rule-based autocast.
 """
 
 import argparse
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 from dataclasses import dataclass
 import datetime
@@ -47,6 +49,8 @@ from anomaly_seg_node.backends import (
     engine_cache_key,
     engine_environment,
     engine_path,
+    import_tensorrt,
+    tensorrt_fix,
 )
 from anomaly_seg_node.errors import BackendError, ConfigError, DataError
 from anomaly_seg_node.metrics import AgreementShapeError, agreement_figures
@@ -64,6 +68,8 @@ RECORDED_FIGURES = ('label_agreement', 'mask_agreement', 'score_diff_over_std',
                     'mean_score_diff_over_std', 'nonfinite_fraction')
 INSTALL_TENSORRT = ("pip install 'anomaly_seg[tensorrt]' (torch-tensorrt 2.14 for torch 2.14) "
                     'on the machine with the target GPU')
+# The keywords `_build` passes to torch_tensorrt.dynamo.compile (torch-tensorrt 2.14).
+COMPILE_KEYWORDS = ('arg_inputs', 'disable_tf32', 'enable_autocast', 'autocast_low_precision_type')
 # What an engine must reach against the FP32 graph to be cached: figure -> (comparison, bound).
 # fp32 gets ten times export's score tolerance (TensorRT fuses layers and picks its own
 # kernels); fp16 is judged by the mean error, since its rounding grows with the magnitude of the
@@ -265,51 +271,42 @@ def check_build_requirements(has_module: Callable[[str], bool] | None = None,
         raise BackendError('cannot build a TensorRT engine: ' + '; '.join(problems))
 
 
-def compile_options(precision: str, accepted: Collection[str], float16: Any,
-                    float32: Any) -> dict[str, Any]:
-    """Keyword arguments of `torch_tensorrt.dynamo.compile` for `precision`, for its API.
+def compile_options(precision: str, float16: Any) -> dict[str, Any]:
+    """Keyword arguments of `torch_tensorrt.dynamo.compile` (torch-tensorrt 2.14) for `precision`.
 
-    `accepted` are the parameter names of the installed function. Recent torch-tensorrt types
-    the network strictly and reaches fp16 by its rule-based autocast (`enable_autocast`,
-    `autocast_low_precision_type`, first named `low_precision_type`); older releases let the
-    builder pick per-layer precision among `enabled_precisions`. The engine's input and
-    outputs stay float32 / int32 either way.
+    torch-tensorrt 2.14 always types the network strictly (the graph's dtypes are kept) and
+    reaches fp16 by its rule-based autocast (`enable_autocast`, `autocast_low_precision_type`),
+    which keeps numerically sensitive layers in fp32; fp32 turns TF32 off. `float16` is
+    `torch.float16`. The engine's input and outputs stay float32 / int32 either way.
     """
-    _check_precision(precision)
-    accepted = set(accepted)
-    options: dict[str, Any] = {}
-    if precision == 'fp32':
-        if 'use_explicit_typing' in accepted:
-            options['use_explicit_typing'] = True
-        elif 'enabled_precisions' in accepted:
-            options['enabled_precisions'] = {float32}
-        if 'disable_tf32' in accepted:
-            # TF32 rounds inputs to 10-bit mantissas: not what fp32 promises.
-            options['disable_tf32'] = True
-        return options
-    if 'enable_autocast' in accepted:
-        options['enable_autocast'] = True
-        low = ('autocast_low_precision_type' if 'autocast_low_precision_type' in accepted
-               else 'low_precision_type')
-        options[low] = float16
-        if 'use_explicit_typing' in accepted:
-            options['use_explicit_typing'] = True
-    elif 'enabled_precisions' in accepted:
-        options['enabled_precisions'] = {float16, float32}
-        if 'use_explicit_typing' in accepted:
-            options['use_explicit_typing'] = False
-    else:
+    if _check_precision(precision) == 'fp32':
+        # TF32 rounds inputs to 10-bit mantissas: not what fp32 promises.
+        return {'disable_tf32': True}
+    return {'enable_autocast': True, 'autocast_low_precision_type': float16}
+
+
+def check_compile_api(compile_fn: Callable[..., Any], version: str) -> None:
+    """BackendError unless `compile_fn` takes the keywords this build passes.
+
+    torch-tensorrt's compile accepts unknown keywords silently (**kwargs), so an older or newer
+    release that renamed one would build a different engine without a word.
+    """
+    import inspect
+
+    accepted = inspect.signature(compile_fn).parameters
+    missing = [name for name in COMPILE_KEYWORDS if name not in accepted]
+    if missing:
         raise BackendError(
-            'this torch_tensorrt offers neither autocast nor enabled_precisions, so it cannot '
-            f'build an fp16 engine; use --precision fp32, or {INSTALL_TENSORRT}')
-    return options
+            f'torch_tensorrt {version} has no {", ".join(missing)} in '
+            'torch_tensorrt.dynamo.compile, which this build passes (torch-tensorrt 2.14); '
+            f'{INSTALL_TENSORRT}')
 
 
 def engine_wanted(backend: str, device: str, sidecar: Sidecar | None = None) -> bool:
     """Whether the node's backend/device resolve to the tensorrt backend once an engine exists.
 
     tensorrt on cuda always (an ONNX-only artifact is then refused by `ensure_engine`, naming
-    the fix); auto on cuda where torch_tensorrt is installed, torch sees a GPU and `sidecar`
+    the fix); auto on cuda where torch_tensorrt imports, torch sees a GPU and `sidecar`
     (when given) ships the .pt2 (auto takes a cached engine first).
     """
     if device != 'cuda':
@@ -318,7 +315,7 @@ def engine_wanted(backend: str, device: str, sidecar: Sidecar | None = None) -> 
         return True
     if sidecar is not None and cannot_run(sidecar, 'tensorrt'):
         return False  # auto runs an ONNX-only artifact in onnxruntime
-    return backend == 'auto' and _has_module('torch_tensorrt') and not _cuda_unavailable()
+    return backend == 'auto' and _tensorrt_loads() and not _cuda_unavailable()
 
 
 def check_artifact(sidecar: Sidecar) -> None:
@@ -330,6 +327,10 @@ def check_artifact(sidecar: Sidecar) -> None:
 
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def _tensorrt_loads() -> bool:
+    return not isinstance(import_tensorrt(), str)
 
 
 def _check_precision(precision: str) -> str:
@@ -459,7 +460,9 @@ def _locate(sidecar: Sidecar, precision: str, cache_dir: str | os.PathLike | Non
             ) -> tuple[Path, dict[str, str]]:
     try:
         environment = engine_environment()
-    except Exception as error:  # a mismatched build fails at import in many ways
+    except BackendError as error:  # torch_tensorrt does not import
+        raise BackendError(f'cannot build a TensorRT engine: {error}') from None
+    except Exception as error:  # the CUDA queries of a mismatched driver
         raise BackendError(f'torch_tensorrt is installed but does not work here ({error}); '
                            f'{INSTALL_TENSORRT}') from None
     key = engine_cache_key(sidecar, precision, environment)
@@ -471,8 +474,11 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
     """Compile, save to a temporary file, verify the saved engine, then move it into place."""
     import torch
     from torch.export.passes import move_to_device_pass
-    import torch_tensorrt
 
+    torch_tensorrt = import_tensorrt()
+    if isinstance(torch_tensorrt, str):
+        raise BackendError(f'cannot build a TensorRT engine: {tensorrt_fix(torch_tensorrt)}')
+    check_compile_api(torch_tensorrt.dynamo.compile, key['torch_tensorrt'])
     pt2 = sidecar.file_path('pt2')
     height, width = sidecar.input_size
     batch = sidecar.input.batch
@@ -482,13 +488,12 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
     images, source = calibration.load(height, width, sidecar.pad_rgb)
     program = torch.export.load(str(pt2))
     reference = run_module(program.module(), images, batch, 'cpu')
-    options = compile_options(precision, _parameters(torch_tensorrt.dynamo.compile),
-                              torch.float16, torch.float32)
+    options = compile_options(precision, torch.float16)
     example = torch.zeros(batch, 3, height, width, dtype=torch.float32, device=ENGINE_DEVICE)
     start = time.perf_counter()
     try:
         compiled = torch_tensorrt.dynamo.compile(
-            move_to_device_pass(program, ENGINE_DEVICE), [example], **options)
+            move_to_device_pass(program, ENGINE_DEVICE), arg_inputs=[example], **options)
     except Exception as error:  # torch_tensorrt raises many kinds; all mean the same here
         raise BackendError(
             f'torch_tensorrt could not compile {pt2.name} ({type(error).__name__}: {error}); '
@@ -504,7 +509,7 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
     try:
         try:
             torch_tensorrt.save(compiled, str(tmp), output_format='exported_program',
-                                inputs=[example])
+                                arg_inputs=[example])
             seconds = time.perf_counter() - start
             del compiled
             # Verify what the runtime will load: the saved file, not the module in memory.
@@ -570,12 +575,6 @@ def run_module(module: Any, images: np.ndarray, batch: int,
         return labels.to(torch.int32).cpu().numpy(), score.float().cpu().numpy()
 
     return run_batched(run, images, batch)
-
-
-def _parameters(function: Any) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(function).parameters)
 
 
 def _count_blocks(module: Any) -> dict[str, int]:

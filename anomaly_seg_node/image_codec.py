@@ -1,4 +1,5 @@
-"""sensor_msgs/Image and CompressedImage <-> numpy, without ROS and without cv_bridge.
+"""sensor_msgs/Image and CompressedImage <-> numpy, without ROS and without cv_bridge (and the
+stamp of a message header in nanoseconds, `stamp_ns`).
 
 Messages are read by duck typing on their fields, so rclpy messages (``data`` is an
 ``array.array('B')``) and ``rosbags`` messages (``data`` is a numpy uint8 array) both work.
@@ -13,8 +14,10 @@ and 8UC1 become grey replicated into the three channels; mono16 and 16UC1 keep t
 import array
 from collections.abc import Callable
 import dataclasses
+import re
 import sys
 from typing import Any
+import zlib
 
 import cv2
 import numpy as np
@@ -22,6 +25,9 @@ import numpy as np
 from anomaly_seg_node.errors import ImageDecodeError
 
 MAX_SIDE = 16384  # per side, so at most 2**28 pixels
+# The default pixel budget of a compressed frame, checked on its header before decoding: 4K UHD
+# (3840 x 2160) with 10% headroom.
+MAX_PIXELS = 3840 * 2160 * 11 // 10
 
 # encoding -> (channels, bytes per channel, numpy kind of one channel)
 _LAYOUTS: dict[str, tuple[int, int, str]] = {
@@ -33,6 +39,24 @@ DECODABLE = tuple(_LAYOUTS)
 ENCODABLE = ('mono8', '32FC1', 'rgb8')
 _UNSUPPORTED_PREFIXES = ('bayer_', 'yuv', 'uyvy', 'yuyv', 'nv12', 'nv21', 'nv24', 'i420')
 _WANTS = ('rgb8', 'native')
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# Colour type -> allowed bit depths (PNG specification, IHDR).
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+# The chunks that make the pixels OpenCV returns; the others are dropped before decoding.
+_PNG_KEPT = frozenset({b'IHDR', b'PLTE', b'tRNS', b'IDAT', b'IEND'})
+# Caps on the header walks, so a message of tiny chunks cannot stall the Python loop.
+_MAX_PNG_CHUNKS = 65536
+_MAX_JPEG_SEGMENTS = 4096
+# Codec names a CompressedImage.format may hold; only jpeg and png are decoded.
+_CODEC_WORDS = frozenset({'jpeg', 'png', 'tiff', 'bmp', 'webp', 'gif', 'jp2', 'avif', 'exr',
+                          'heic', 'qoi', 'h264', 'h265', 'hevc', 'av1', 'theora', 'zstd'})
+_CODEC_ALIASES = {'jpg': 'jpeg', 'tif': 'tiff', 'j2k': 'jp2', 'jpeg2000': 'jp2'}
+# Magic numbers of image files that OpenCV would decode but this node does not take.
+_OTHER_MAGIC = ((b'BM', 'bmp'), (b'II*\x00', 'tiff'), (b'MM\x00*', 'tiff'), (b'GIF8', 'gif'),
+                (b'\x00\x00\x00\x0cjP  ', 'jpeg 2000'), (b'\xffO\xffQ', 'jpeg 2000'),
+                (b'v/1\x01', 'exr'), (b'#?RADIANCE', 'radiance hdr'), (b'#?RGBE', 'radiance hdr'),
+                (b'\x00\x00\x00\x1cftypavif', 'avif'), (b'\x00\x00\x00\x20ftypavif', 'avif'))
 
 
 @dataclasses.dataclass
@@ -107,12 +131,26 @@ def decode_image(msg: Any, want: str = 'rgb8') -> np.ndarray:
     return _to_rgb(native, encoding)
 
 
-def decode_compressed(msg: Any) -> np.ndarray:
+def decode_compressed(msg: Any, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (jpeg or png) to RGB uint8 ``[H, W, 3]`` (a copy).
 
-    ``format`` may be plain ('jpeg', 'png') or image_transport's 'rgb8; jpeg compressed bgr8'.
-    Grey images are replicated into three channels, 16-bit ones keep their high byte.
+    ``format`` may be plain ('jpeg', 'png') or image_transport's 'rgb8; jpeg compressed bgr8';
+    when it names a codec, the data must be of that codec. Grey images are replicated into three
+    channels, 16-bit ones keep their high byte.
+
+    Before OpenCV sees the bytes, the container is checked: its size, read from the PNG IHDR or
+    the JPEG SOF header, must lie within ``MAX_SIDE`` per side and ``max_pixels`` in all (None:
+    no pixel budget), so a small message declaring a huge image costs nothing; the PNG chunks
+    (CRCs included) and the JPEG marker segments must be intact, so corrupt or truncated data is
+    refused here instead of making libpng/libjpeg write to stderr; PNG ancillary chunks (text,
+    ICC profiles, ...) are dropped, since the pixels do not depend on them and libpng warns
+    about malformed ones. Corrupt JPEG entropy-coded data (the picture bytes themselves) cannot be
+    checked without decoding it: libjpeg still prints one warning for such a frame.
     """
+    if max_pixels is not None and (isinstance(max_pixels, bool)
+                                   or not isinstance(max_pixels, (int, np.integer))
+                                   or max_pixels < 1):
+        raise ValueError(f'max_pixels must be a positive integer or None, got {max_pixels!r}')
     fmt = _field(msg, 'format')
     if not isinstance(fmt, str):
         raise ImageDecodeError(f'CompressedImage.format must be a string, got {fmt!r}')
@@ -124,21 +162,20 @@ def decode_compressed(msg: Any) -> np.ndarray:
     buf = _byte_buffer(_field(msg, 'data'), name='CompressedImage.data')
     if buf.size == 0:
         raise ImageDecodeError('CompressedImage.data is empty; the publisher sent no image')
-    declared = _declared_size(buf)
-    if declared is not None and not (0 < declared[0] <= MAX_SIDE and 0 < declared[1] <= MAX_SIDE):
-        raise ImageDecodeError(
-            f'CompressedImage.data declares a {declared[0]} x {declared[1]} image; expected '
-            f'1..{MAX_SIDE} per side (a corrupt or hostile message)')
+    where = f'CompressedImage.data ({buf.size} bytes, format {fmt!r})'
+    codec = _check_codec(buf, fmt, where)
+    if codec == 'png':
+        payload = _checked_png(buf, max_pixels, where)
+    else:
+        _check_jpeg(buf, max_pixels, where)
+        payload = buf
     try:
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        image: np.ndarray | None = cv2.imdecode(payload, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
-        raise ImageDecodeError(
-            f'CompressedImage.data ({buf.size} bytes, format {fmt!r}) is not a valid jpeg or '
-            f'png: {exc}') from None
+        raise ImageDecodeError(f'{where} is not a valid {codec}: {exc}') from None
     if image is None or image.size == 0:
         raise ImageDecodeError(
-            f'CompressedImage.data ({buf.size} bytes, format {fmt!r}) is not a valid jpeg or '
-            'png; check the publisher and the transport')
+            f'{where} is not a valid {codec}; check the publisher and the transport')
     height, width = image.shape[:2]
     if height > MAX_SIDE or width > MAX_SIDE:
         raise ImageDecodeError(
@@ -202,7 +239,9 @@ def to_message(fields: ImageFields, msg_cls: type) -> Any:
     but checks any other sequence element by element and copies it, so ``data`` is handed over
     as an ``array.array('B')`` filled with one memcpy.
     """
-    if dataclasses.is_dataclass(msg_cls):
+    # A plain bool: is_dataclass's TypeGuard would narrow msg_cls to a class of no known fields.
+    rosbags = dataclasses.is_dataclass(msg_cls)
+    if rosbags:
         header = fields.header
         if header is None:
             header = _default_dataclass(_field_class(msg_cls, 'header'))
@@ -214,7 +253,7 @@ def to_message(fields: ImageFields, msg_cls: type) -> Any:
     if fields.header is not None:
         msg.header = fields.header
     data = array.array('B')
-    data.frombytes(np.ascontiguousarray(fields.data, dtype=np.uint8))
+    data.frombytes(np.ascontiguousarray(fields.data, dtype=np.uint8).data)
     msg.data = data
     return msg
 
@@ -223,8 +262,8 @@ def _to_rgb(native: np.ndarray, encoding: str) -> np.ndarray:
     """8-bit [H, W, C] in the message's layout -> RGB uint8 [H, W, 3]."""
     if encoding == '32FC1':
         raise ImageDecodeError(
-            "Image.encoding '32FC1' is a float map, not a camera image; decode it with "
-            "want='native'")
+            "Image.encoding '32FC1' is a float map (a depth image or a score map), not a camera "
+            'image; subscribe the node to a camera image topic (rgb8, bgr8, mono8, ...)')
     convert: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         'rgb8': lambda a: a,
         'bgr8': lambda a: cv2.cvtColor(a, cv2.COLOR_BGR2RGB),
@@ -237,30 +276,184 @@ def _to_rgb(native: np.ndarray, encoding: str) -> np.ndarray:
     return convert[encoding](native)
 
 
-def _declared_size(buf: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from a PNG IHDR or a JPEG SOF header, read before allocating anything."""
-    head = buf[:24].tobytes()
-    if head.startswith(b'\x89PNG\r\n\x1a\n') and len(head) == 24:
-        return int.from_bytes(head[20:24], 'big'), int.from_bytes(head[16:20], 'big')
-    if not head.startswith(b'\xff\xd8'):
-        return None
-    data = memoryview(buf)
-    pos = 2
-    while pos + 9 <= len(data):  # walk the marker segments; each step moves forward
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return (int.from_bytes(data[pos + 5:pos + 7], 'big'),
-                    int.from_bytes(data[pos + 7:pos + 9], 'big'))
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
+def _check_codec(buf: np.ndarray, fmt: str, where: str) -> str:
+    """'jpeg' or 'png': what the data holds, which must be what ``fmt`` names (if anything)."""
+    named = _named_codec(fmt)
+    if named is not None and named not in ('jpeg', 'png'):
+        raise ImageDecodeError(
+            f'unsupported CompressedImage.format {fmt!r}: it names {named}; this node decodes '
+            'jpeg and png (image_transport compressed); have the publisher send one of them')
+    found = _sniff(buf[:16].tobytes())
+    if found not in ('jpeg', 'png'):
+        what = (f'holds a {found} image' if found else
+                f'is neither jpeg nor png (it starts with {buf[:8].tobytes().hex(" ")})')
+        raise ImageDecodeError(
+            f'{where} {what}; this node decodes jpeg and png only: have the publisher send '
+            'one of them, or check the transport if the data is corrupt')
+    if named is not None and named != found:
+        raise ImageDecodeError(
+            f'{where} holds a {found} image, but its format names {named}; fix the '
+            "publisher's format field or its encoder")
+    return found
+
+
+def _named_codec(fmt: str) -> str | None:
+    """The codec a CompressedImage.format names ('jpeg', 'png', another), or None."""
+    for word in re.findall(r'[a-z0-9]+', fmt.lower()):
+        word = _CODEC_ALIASES.get(word, word)
+        if word in _CODEC_WORDS:
+            return word
     return None
+
+
+def _sniff(head: bytes) -> str:
+    """The container of ``head`` from its magic number: 'png', 'jpeg', another name, or ''."""
+    if head.startswith(_PNG_SIGNATURE):
+        return 'png'
+    if head.startswith(b'\xff\xd8\xff'):
+        return 'jpeg'
+    if head[:4] == b'RIFF' and head[8:12] == b'WEBP':
+        return 'webp'
+    for magic, name in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return name
+    return ''
+
+
+def _check_size(height: int, width: int, max_pixels: int | None, where: str) -> None:
+    """Refuse a declared size off the per-side limit or above the pixel budget."""
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise ImageDecodeError(
+            f'{where} declares a {height} x {width} image; expected 1..{MAX_SIDE} per side '
+            '(a corrupt or hostile message)')
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageDecodeError(
+            f'{where} declares a {height} x {width} image, {height * width} pixels, above the '
+            f'budget of {max_pixels} pixels (max_input_pixels; 4K UHD by default): a corrupt or '
+            'hostile message, or a camera above the budget, for which raise max_input_pixels')
+
+
+def _checked_png(buf: np.ndarray, max_pixels: int | None, where: str) -> np.ndarray:
+    """The PNG with only the chunks that make its pixels, after checking every chunk's layout
+    and CRC, the IHDR fields and the size budget (before anything is decompressed)."""
+    data = buf.data
+    size = len(data)
+    parts: list[memoryview] = [data[:8]]
+    dropped = False
+    pos = 8
+    colour_type = -1
+    has_palette = in_idat = after_idat = False
+    for index in range(_MAX_PNG_CHUNKS):
+        if pos + 12 > size:
+            raise ImageDecodeError(f'{where} is a truncated png (no IEND chunk)')
+        length = int.from_bytes(data[pos:pos + 4], 'big')
+        kind = bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if length > 0x7FFFFFFF or not kind.isalpha():
+            raise ImageDecodeError(f'{where} is a corrupt png: no valid chunk at byte {pos}')
+        if end > size:
+            raise ImageDecodeError(f'{where} is a truncated png (its {kind.decode()} chunk at '
+                                   f'byte {pos} ends past the data)')
+        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], 'big'):
+            raise ImageDecodeError(
+                f'{where} is a corrupt png: the CRC of its {kind.decode()} chunk at byte {pos} '
+                'does not match; check the transport')
+        if index == 0:
+            if kind != b'IHDR' or length != 13:
+                raise ImageDecodeError(f'{where} is a corrupt png: it does not start with IHDR')
+            width = int.from_bytes(data[16:20], 'big')
+            height = int.from_bytes(data[20:24], 'big')
+            _check_size(height, width, max_pixels, where)
+            depth, colour_type, compression, filtering, interlace = data[24:29]
+            if (depth not in _PNG_DEPTHS.get(colour_type, ()) or compression or filtering
+                    or interlace > 1):
+                raise ImageDecodeError(
+                    f'{where} is a corrupt png: IHDR holds bit depth {depth}, colour type '
+                    f'{colour_type}, compression {compression}, filter {filtering}, interlace '
+                    f'{interlace}')
+        elif kind == b'IHDR' or (kind[0] < 0x61 and kind not in _PNG_KEPT):
+            raise ImageDecodeError(
+                f'{where} is a corrupt png: unexpected critical chunk {kind.decode()} at byte '
+                f'{pos}')
+        if kind == b'PLTE':
+            has_palette = True
+        if kind == b'IDAT':
+            if after_idat:
+                raise ImageDecodeError(f'{where} is a corrupt png: its IDAT chunks are split')
+            if colour_type == 3 and not has_palette:
+                raise ImageDecodeError(f'{where} is a corrupt png: no PLTE before IDAT')
+            in_idat = True
+        elif in_idat:
+            after_idat = True
+        if kind == b'IEND':
+            if not in_idat:
+                raise ImageDecodeError(f'{where} is a corrupt png: it holds no IDAT chunk')
+            parts.append(data[pos:end])
+            break
+        if kind in _PNG_KEPT:
+            parts.append(data[pos:end])
+        else:
+            dropped = True
+        pos = end
+    else:
+        raise ImageDecodeError(f'{where} is not a png a camera sends: more than '
+                               f'{_MAX_PNG_CHUNKS} chunks')
+    if not dropped:
+        return buf
+    return np.frombuffer(b''.join(parts), dtype=np.uint8)
+
+
+def _check_jpeg(buf: np.ndarray, max_pixels: int | None, where: str) -> None:
+    """Walk the JPEG's marker segments: a frame header (SOF) within the size budget, every
+    segment inside the data, no stray bytes between segments, scans, and an end marker."""
+    size = buf.size
+    # Where a marker starts: 0xFF followed by neither stuffing (00), a fill byte (FF) nor a
+    # restart marker (D0..D7, part of the entropy-coded data).
+    candidates = np.flatnonzero(buf[:-1] == 0xFF)
+    follow = buf[candidates + 1]
+    markers = candidates[(follow != 0x00) & (follow != 0xFF) & ((follow < 0xD0) | (follow > 0xD7))]
+    pos = 2
+    has_frame = has_scan = in_scan = False
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        index = int(np.searchsorted(markers, pos))
+        if index == markers.size:
+            raise ImageDecodeError(f'{where} is a truncated jpeg (no end-of-image marker)')
+        at = int(markers[index])
+        if not in_scan and at > pos and not np.all(buf[pos:at] == 0xFF):
+            raise ImageDecodeError(
+                f'{where} is a corrupt jpeg: {at - pos} stray bytes before the marker at byte '
+                f'{at}')
+        code = int(buf[at + 1])
+        if code == 0xD9:  # end of image
+            if not has_scan:
+                raise ImageDecodeError(f'{where} is a corrupt jpeg: it holds no scan')
+            return
+        if code in (0xD8, 0x01):
+            raise ImageDecodeError(
+                f'{where} is a corrupt jpeg: unexpected marker 0x{code:02X} at byte {at}')
+        if at + 4 > size:
+            raise ImageDecodeError(f'{where} is a truncated jpeg (a segment header is cut)')
+        length = int(buf[at + 2]) << 8 | int(buf[at + 3])
+        end = at + 2 + length
+        if length < 2 or end > size:
+            raise ImageDecodeError(
+                f'{where} is a corrupt or truncated jpeg: the segment 0x{code:02X} at byte {at} '
+                f'is {length} bytes long, past the data')
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC) and not has_frame:
+            if length < 8:
+                raise ImageDecodeError(f'{where} is a corrupt jpeg: a short frame header')
+            height = int(buf[at + 5]) << 8 | int(buf[at + 6])
+            width = int(buf[at + 7]) << 8 | int(buf[at + 8])
+            _check_size(height, width, max_pixels, where)
+            has_frame = True
+        if code == 0xDA and not has_frame:
+            raise ImageDecodeError(f'{where} is a corrupt jpeg: a scan before the frame header')
+        # The entropy-coded data of a scan runs from the end of its header to the next marker.
+        in_scan = code == 0xDA
+        has_scan = has_scan or in_scan
+        pos = end
+    raise ImageDecodeError(f'{where} is not a jpeg a camera sends: more than '
+                           f'{_MAX_JPEG_SEGMENTS} marker segments')
 
 
 def _field(msg: Any, name: str) -> Any:
@@ -324,3 +517,12 @@ def _default_dataclass(cls: type) -> Any:
         else:
             values[field.name] = _default_dataclass(_field_class(cls, field.name))
     return cls(**values)
+
+
+def stamp_ns(header: Any) -> int:
+    """A std_msgs/Header's stamp in nanoseconds (0 when there is none); rclpy and rosbags
+    messages alike (ROS 1 bags come out of rosbags with ROS 2 field names)."""
+    stamp = getattr(header, 'stamp', None)
+    if stamp is None:
+        return 0
+    return int(getattr(stamp, 'sec', 0)) * 1_000_000_000 + int(getattr(stamp, 'nanosec', 0))

@@ -1,4 +1,5 @@
-"""Anomaly-detection and segmentation metrics, NumPy only (methods.md §2.5 and §6).
+"""Anomaly-detection and segmentation metrics, NumPy (OpenCV for connected components only;
+methods.md §2.5 and §6).
 
 Anomaly scores: higher = more anomalous. Anomaly labels: 1 = anomaly (the positive class),
 0 = inlier, any other value (e.g. 2 for StreetHazards "other", 255 for void) is ignored.
@@ -9,9 +10,15 @@ Anomaly scores: higher = more anomalous. Anomaly labels: 1 = anomaly (the positi
   only anomaly pixels, are skipped and counted).
 - `PooledOOD`: one curve over the whole data set, streamed through a fixed histogram (bounded
   memory), with per-run error bounds.
+- `BinnedPerImageOOD`: the per-image protocol in linear time: each image's curve from its own
+  histogram in `PooledOOD`'s binning (`frame_histogram`, shared with the pooled update), with
+  the same error bounds per image (used by replay; evaluate keeps the exact `PerImageOOD`).
 - `threshold_at_tpr`: the open-set threshold tau at a target TPR; `threshold_at_fpr`: the
   threshold at a target false-alarm rate on inlier pixels (both also on `PooledOOD`).
 - `ConfusionMatrix` (closed mIoU) and `OpenSetConfusion` (open-mIoU, methods.md §2.5).
+- `ComponentMetrics`: SegmentMeIfYouCan's component-level sIoU, PPV and mean F1 of a predicted
+  anomaly mask (or of labelled objects); `BoxMetrics`: recall and precision of object boxes at
+  IoU >= 0.5 against the boxes of the ground-truth components.
 - `agreement_figures`: how closely a compiled graph's (labels, score) follow a reference's
   (export parity, engine verification).
 
@@ -20,9 +27,11 @@ Every result dict holds only floats, ints, strings and lists, so it serialises t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import math
 from typing import Any
 
+import cv2
 import numpy as np
 
 from anomaly_seg_node.errors import ConfigError, DataError
@@ -254,6 +263,77 @@ def _bin_lower_edge(index: int, shift: int) -> float:
     return float(np.asarray(bits, dtype=np.uint32).view(np.float32))
 
 
+def _check_bits(bits: Any, who: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 10 <= bits <= 24:
+        raise ConfigError(f'{who} bits must be an int in [10, 24] (2**bits bins), got '
+                          f'{bits!r}; 20 gives a relative bin width of 4.9e-4 in 16 MiB')
+    return bits
+
+
+@dataclass(frozen=True)
+class FrameHistogram:
+    """The evaluated pixels of one image (or batch) in `PooledOOD`'s binning.
+
+    counts: int64 `[2**bits, 2]`, (inlier, anomaly) pixels per bin; bins: the bin of every
+    evaluated pixel (intp `[n]`); n_anomaly / n_pixels: anomaly and evaluated pixels.
+    """
+
+    counts: np.ndarray
+    bins: np.ndarray
+    bits: int
+    n_anomaly: int
+    n_pixels: int
+
+    def occupied(self) -> np.ndarray:
+        """The bins holding a pixel, ascending: a byte per bin marked and scanned, no sort."""
+        seen = np.zeros(1 << self.bits, dtype=bool)
+        seen[self.bins] = True
+        return np.flatnonzero(seen)
+
+
+def frame_histogram(scores: Any, labels: Any, bits: int = 20) -> FrameHistogram:
+    """Bin the pixels labelled 0 or 1 of one image as `PooledOOD` does (float32 scores)."""
+    _check_bits(bits, 'frame_histogram')
+    kept, is_anomaly = _kept_pixels(scores, labels)
+    with np.errstate(over='ignore'):  # beyond float32 -> inf, reported below
+        values = np.add(kept, np.float32(0.0), dtype=np.float32)  # a copy; -0.0 -> +0.0
+    if not np.isfinite(values).all():
+        first = int(np.argmin(np.isfinite(values)))
+        raise DataError(f'anomaly score {kept[first]} lies outside the float32 range; '
+                        'PooledOOD bins float32 scores: rescale the scores')
+    bins = _float32_bin(values, 32 - bits).astype(np.intp)
+    counts = np.bincount((bins << 1) | is_anomaly, minlength=2 << bits).reshape(-1, 2)
+    return FrameHistogram(counts=counts, bins=bins, bits=bits,
+                          n_anomaly=int(np.count_nonzero(is_anomaly)), n_pixels=int(kept.size))
+
+
+def _binned_metrics(tps: np.ndarray, fps: np.ndarray, strict: bool) -> dict[str, float]:
+    """AP, AUROC, FPR95 of a binned curve and rigorous bounds on their distance to the exact
+    metrics of the unbinned scores (see `PooledOOD`).
+
+    tps, fps: int64 [G], cumulative anomaly and inlier counts of the occupied bins, highest
+    score first; both classes present.
+    """
+    result = _curve_metrics(tps, fps, strict)
+    n_anomaly, n_inlier = float(tps[-1]), float(fps[-1])
+    pos = np.diff(tps, prepend=0).astype(np.float64)
+    neg = np.diff(fps, prepend=0).astype(np.float64)
+    has_pos = pos > 0
+    tp = tps[has_pos].astype(np.float64)
+    fp = fps[has_pos].astype(np.float64)
+    tp0, fp0 = tp - pos[has_pos], fp - neg[has_pos]
+    binned = tp / (tp + fp)
+    # precision of the k-th anomaly of a bin after j of its inliers is (tp0+k)/(tp0+fp0+k+j):
+    # largest at k = all, j = 0; smallest at k = 1, j = all
+    highest = tp / (tp + fp0)
+    lowest = (tp0 + 1.0) / (tp0 + fp + 1.0)
+    ap_bound = np.sum(pos[has_pos] * np.maximum(highest - binned, binned - lowest))
+    auroc_bound = np.sum(pos * neg) / (2.0 * n_anomaly * n_inlier)
+    fpr95_bound = neg[_first_point(tps, FPR_TPR, strict)] / n_inlier
+    return {**result, 'ap_bound': float(ap_bound / n_anomaly),
+            'auroc_bound': float(auroc_bound), 'fpr95_bound': float(fpr95_bound)}
+
+
 class PooledOOD:
     """Pooled protocol: one ROC/PR curve over all pixels of a data set, in bounded memory.
 
@@ -283,11 +363,8 @@ class PooledOOD:
 
     def __init__(self, fpr_rule: str = DEFAULT_FPR_RULE, bits: int = 20) -> None:
         _rule_is_strict(fpr_rule)
-        if not isinstance(bits, int) or not 10 <= bits <= 24:
-            raise ConfigError(f'PooledOOD bits must be an int in [10, 24] (2**bits bins), got '
-                              f'{bits!r}; 20 gives a relative bin width of 4.9e-4 in 16 MiB')
         self.fpr_rule = fpr_rule
-        self.bits = bits
+        self.bits = _check_bits(bits, 'PooledOOD')
         self._shift = 32 - bits
         # counts[b] = (inlier, anomaly) pixels whose score falls in bin b
         self._counts = np.zeros((1 << bits, 2), dtype=np.int64)
@@ -304,17 +381,20 @@ class PooledOOD:
         inlier, anomaly = self._counts.sum(axis=0)
         return int(inlier), int(anomaly)
 
-    def update(self, scores: Any, labels: Any) -> None:
-        """Add the pixels of one image (or batch) to the histogram."""
-        kept, is_anomaly = _kept_pixels(scores, labels)
-        with np.errstate(over='ignore'):  # beyond float32 -> inf, reported below
-            values = np.add(kept, np.float32(0.0), dtype=np.float32)  # a copy; -0.0 -> +0.0
-        if not np.isfinite(values).all():
-            first = int(np.argmin(np.isfinite(values)))
-            raise DataError(f'anomaly score {kept[first]} lies outside the float32 range; '
-                            'PooledOOD bins float32 scores: rescale the scores')
-        index = (_float32_bin(values, self._shift).astype(np.intp) << 1) | is_anomaly
-        self._counts += np.bincount(index, minlength=self._counts.size).reshape(-1, 2)
+    def update(self, scores: Any, labels: Any) -> FrameHistogram:
+        """Add the pixels of one image (or batch) to the histogram; returns the image's own
+        histogram (for `BinnedPerImageOOD.add`)."""
+        histogram = frame_histogram(scores, labels, self.bits)
+        self.add(histogram)
+        return histogram
+
+    def add(self, histogram: FrameHistogram) -> None:
+        """Add an image binned by `frame_histogram` with this instance's bits."""
+        if histogram.bits != self.bits:
+            raise ConfigError(f'a histogram of {histogram.bits} bits cannot join PooledOOD of '
+                              f'{self.bits} bits; bin with frame_histogram(..., bits='
+                              f'{self.bits})')
+        self._counts += histogram.counts
         self.n_images += 1
 
     def _curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -346,29 +426,13 @@ class PooledOOD:
                 'precision': tp / np.maximum(tp + fp, 1.0)}
 
     def compute(self) -> dict[str, Any]:
-        strict = _rule_is_strict(self.fpr_rule)
         tps, fps, _ = self._curve()
-        result = _curve_metrics(tps, fps, strict)
-        n_anomaly, n_inlier = float(tps[-1]), float(fps[-1])
-        pos = np.diff(tps, prepend=0).astype(np.float64)
-        neg = np.diff(fps, prepend=0).astype(np.float64)
-        has_pos = pos > 0
-        tp = tps[has_pos].astype(np.float64)
-        fp = fps[has_pos].astype(np.float64)
-        tp0, fp0 = tp - pos[has_pos], fp - neg[has_pos]
-        binned = tp / (tp + fp)
-        # precision of the k-th anomaly of a bin after j of its inliers is (tp0+k)/(tp0+fp0+k+j):
-        # largest at k = all, j = 0; smallest at k = 1, j = all
-        highest = tp / (tp + fp0)
-        lowest = (tp0 + 1.0) / (tp0 + fp + 1.0)
-        ap_bound = np.sum(pos[has_pos] * np.maximum(highest - binned, binned - lowest))
-        auroc_bound = np.sum(pos * neg) / (2.0 * n_anomaly * n_inlier)
-        fpr95_bound = neg[_first_point(tps, FPR_TPR, strict)] / n_inlier
-        return {'protocol': self.protocol, **result, 'fpr95_rule': self.fpr_rule,
-                'n_anomaly': int(tps[-1]), 'n_inlier': int(fps[-1]),
-                'n_images': self.n_images, 'bins': 1 << self.bits,
-                'ap_bound': float(ap_bound / n_anomaly), 'auroc_bound': float(auroc_bound),
-                'fpr95_bound': float(fpr95_bound)}
+        metrics = _binned_metrics(tps, fps, _rule_is_strict(self.fpr_rule))
+        return {'protocol': self.protocol,
+                **{key: metrics[key] for key in ('ap', 'auroc', 'fpr95')},
+                'fpr95_rule': self.fpr_rule, 'n_anomaly': int(tps[-1]),
+                'n_inlier': int(fps[-1]), 'n_images': self.n_images, 'bins': 1 << self.bits,
+                **{key: metrics[key] for key in ('ap_bound', 'auroc_bound', 'fpr95_bound')}}
 
     def threshold_at_tpr(self, tpr: float = FPR_TPR, strict: bool = False) -> float:
         """Lower edge tau of the bin where the pooled TPR first reaches `tpr` (> `tpr` if strict).
@@ -400,6 +464,72 @@ class PooledOOD:
         if index + 1 >= 1 << self.bits:
             return float(np.finfo(np.float32).max)
         return min(_bin_lower_edge(index + 1, self._shift), float(np.finfo(np.float32).max))
+
+
+class BinnedPerImageOOD:
+    """The per-image protocol of `PerImageOOD` in linear time per image.
+
+    Each image's AP, AUROC and FPR95 come from its own histogram in `PooledOOD`'s binning
+    (`frame_histogram`: a bin count and a scan of the occupied bins, no sort), so they are
+    the exact metrics of the image's scores rounded down to their bin. Error bound: per image,
+    the rigorous bounds of `PooledOOD` (ap_bound, auroc_bound, fpr95_bound: adversarial order
+    inside every bin); `compute()` reports their mean over the images, which bounds the
+    distance of each mean metric to `PerImageOOD`'s. With bits=20 a bin spans 4.9e-4 of
+    |score|; scores whose classes share no bin give the exact figures. Images are skipped and
+    counted as in `PerImageOOD`.
+    """
+
+    protocol = 'per-image'
+
+    def __init__(self, fpr_rule: str = DEFAULT_FPR_RULE, bits: int = 20) -> None:
+        _rule_is_strict(fpr_rule)
+        self.fpr_rule = fpr_rule
+        self.bits = _check_bits(bits, 'BinnedPerImageOOD')
+        self.n_no_anomaly = 0
+        self.n_only_anomaly = 0
+        # per image: ap, auroc, fpr95, ap_bound, auroc_bound, fpr95_bound
+        self._per_image: list[tuple[float, ...]] = []
+
+    def update(self, scores: Any, labels: Any) -> dict[str, Any] | None:
+        """Add one image; returns its metrics and bounds, or None when it is skipped."""
+        return self.add(frame_histogram(scores, labels, self.bits))
+
+    def add(self, histogram: FrameHistogram) -> dict[str, Any] | None:
+        """Add one image already binned (e.g. the histogram `PooledOOD.update` returns)."""
+        if histogram.bits != self.bits:
+            raise ConfigError(f'a histogram of {histogram.bits} bits given to '
+                              f'BinnedPerImageOOD of {self.bits} bits; bin with '
+                              f'frame_histogram(..., bits={self.bits})')
+        if histogram.n_anomaly == 0:
+            self.n_no_anomaly += 1
+            return None
+        if histogram.n_anomaly == histogram.n_pixels:
+            self.n_only_anomaly += 1
+            return None
+        counts = histogram.counts[histogram.occupied()[::-1]]  # highest scores first
+        tps = np.cumsum(counts[:, 1])
+        fps = np.cumsum(counts[:, 0])
+        result = _binned_metrics(tps, fps, _rule_is_strict(self.fpr_rule))
+        self._per_image.append(tuple(result[key] for key in _BINNED_KEYS))
+        return result
+
+    def compute(self) -> dict[str, Any]:
+        if not self._per_image:
+            raise DataError(f'no image with both anomaly and inlier pixels was given '
+                            f'({self.n_no_anomaly} without anomalies, {self.n_only_anomaly} with '
+                            'only anomalies); the per-image protocol needs at least one')
+        means = dict(zip(_BINNED_KEYS, np.mean(np.asarray(self._per_image), axis=0),
+                         strict=True))
+        return {'protocol': self.protocol,
+                **{key: float(means[key]) for key in ('ap', 'auroc', 'fpr95')},
+                'fpr95_rule': self.fpr_rule, 'n_images': len(self._per_image),
+                'n_skipped': self.n_no_anomaly + self.n_only_anomaly,
+                'n_no_anomaly': self.n_no_anomaly, 'n_only_anomaly': self.n_only_anomaly,
+                'bins': 1 << self.bits,
+                **{key: float(means[key]) for key in ('ap_bound', 'auroc_bound', 'fpr95_bound')}}
+
+
+_BINNED_KEYS = ('ap', 'auroc', 'fpr95', 'ap_bound', 'auroc_bound', 'fpr95_bound')
 
 
 def _int_array(values: Any, name: str) -> np.ndarray:
@@ -567,3 +697,353 @@ def _over_std(value: float, std: float) -> float:
     if std > 0:
         return value / std
     return 0.0 if value == 0 else math.inf
+
+
+# Component-level metrics of SegmentMeIfYouCan: sIoU thresholds tau = 0.25, 0.30, ..., 0.75, in
+# percent so that `sIoU >= tau` is decided exactly in integers (100 * inter >= pct * union).
+SIOU_PERCENTS = tuple(range(25, 80, 5))
+# The benchmark's size filters (pixels, at its image resolution): predicted components smaller
+# than min_pred_area are removed, ground-truth components smaller than min_gt_area ignored.
+SMIYC_ANOMALY_TRACK = {'min_pred_area': 500, 'min_gt_area': 100}
+SMIYC_OBSTACLE_TRACK = {'min_pred_area': 50, 'min_gt_area': 10}
+
+
+def _check_area(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f'{name} must be an int >= 0 (pixels; 0 keeps every component), got '
+                          f'{value!r}; SegmentMeIfYouCan uses {SMIYC_ANOMALY_TRACK} (anomaly '
+                          f'track) and {SMIYC_OBSTACLE_TRACK} (obstacle track)')
+    return int(value)
+
+
+def _gt_labels(gt_labels: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    gt = np.asarray(gt_labels)
+    if gt.dtype.kind not in 'iub':
+        raise DataError(f'anomaly labels must be integers (1 anomaly, 0 inlier, other values '
+                        f'ignored), got dtype {gt.dtype}; cast them with .astype(np.uint8)')
+    if gt.ndim != 2 or gt.shape != shape:
+        raise DataError(f'{what} and anomaly labels must be [H, W] maps of the same shape, got '
+                        f'{list(shape)} and {list(gt.shape)}; resize the prediction to the '
+                        'label map with nearest neighbour')
+    return gt
+
+
+def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """8-connected components of a bool [H, W] mask: (count + 1, int32 [H, W] ids, 0 = none)."""
+    return cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8,
+                                   ltype=cv2.CV_32S)
+
+
+class ComponentMetrics:
+    """Component-level metrics of SegmentMeIfYouCan, streamed over frames.
+
+    Definitions: Chan et al., "SegmentMeIfYouCan: A Benchmark for Anomaly Segmentation",
+    NeurIPS 2021 Datasets and Benchmarks, section 4 (component-level metrics), with the details
+    of the official code (github.com/SegmentMeIfYouCan/road-anomaly-benchmark,
+    road_anomaly_benchmark/metrics/instance_segmentation.py: `default_instancer`,
+    `segment_metrics`, `MetricSegment.aggregate`), which this class follows:
+
+    - Ground truth: 1 = anomaly, 0 = inlier, anything else ignored (the benchmark's void 255;
+      here every value but 0 and 1, as `PooledOOD` does). GT components are the 8-connected
+      components of the label-1 pixels; those smaller than `min_gt_area` pixels are ignored
+      (their pixels leave the evaluated region).
+    - Prediction: predicted pixels on ignored labels are dropped *before* the predicted
+      components (8-connected) are formed; components smaller than `min_pred_area` pixels are
+      then removed. Everything below is counted inside the evaluated region only (labels 0/1,
+      outside ignored GT components).
+    - sIoU of a GT component k, with K^(k) the union of the predicted components that
+      intersect k and A(k) the pixels of the other GT components:
+      sIoU(k) = |k & K^(k)| / |(k | K^(k)) \\ A(k)|. Predicted pixels that belong to another
+      GT component do not count against k, so one blob over two touching objects scores both.
+      A missed component has sIoU 0. Equal to |k & K^(k)| / (|k| + |K^(k) on inlier pixels|).
+    - PPV of a predicted component k^: the share of its pixels on any GT component,
+      PPV(k^) = |k^ & K(k^)| / |k^|; the fragments of one object each keep a high PPV.
+    - Per tau in {0.25, 0.30, ..., 0.75}: TP = GT components with sIoU >= tau, FN = the
+      others, FP = predicted components with PPV < tau, summed over all frames;
+      F1(tau) = 2 TP / (2 TP + FN + FP); `f1_mean` averages F1 over the 11 values of tau.
+      (The paper's FP uses PPV, as the SegmentMeIfYouCan code does; the older
+      adynathos/road-anomaly-benchmark code counted predicted sIoU < tau instead. The official
+      code's tau grid np.linspace holds 0.6000000000000001; tau is exact here.)
+    - `siou` is the mean sIoU over all GT components of all frames, `ppv` the mean PPV over
+      all predicted components, `siou_pred` the mean sIoU of predicted components (the same
+      formula with the roles swapped, reported by the benchmark as sIoU_pred).
+    - Frames: a frame without GT components adds its predicted components as false positives
+      (PPV 0); a frame with neither adds nothing but the frame count. Means over no component
+      and F1 without any component are NaN.
+
+    `update(pred_mask, gt_labels)` takes the thresholded mask (score > tau) as the benchmark
+    does; `update_instances(pred_ids, gt_labels)` takes predicted components already labelled
+    (e.g. `objects.find_objects_with_ids`, whose merged objects are not 8-connected) and skips
+    the labelling. State: a few counters, independent of the number of frames.
+    """
+
+    protocol = 'components'
+
+    def __init__(self, min_pred_area: int = 0, min_gt_area: int = 0) -> None:
+        self.min_pred_area = _check_area(min_pred_area, 'min_pred_area')
+        self.min_gt_area = _check_area(min_gt_area, 'min_gt_area')
+        n = len(SIOU_PERCENTS)
+        self.tp = np.zeros(n, dtype=np.int64)
+        self.fn = np.zeros(n, dtype=np.int64)
+        self.fp = np.zeros(n, dtype=np.int64)
+        self.n_frames = 0
+        self.n_frames_without_gt = 0
+        self.n_gt = 0
+        self.n_pred = 0
+        self.n_gt_ignored = 0
+        self.n_pred_removed = 0
+        self._sums = {'siou': 0.0, 'ppv': 0.0, 'siou_pred': 0.0}
+
+    def update(self, pred_mask: Any, gt_labels: Any) -> dict[str, Any]:
+        """Add one frame: predicted mask (bool or integers, nonzero = anomaly) and labels.
+
+        Returns the frame's figures: component counts and the per-component sIoU and PPV.
+        """
+        pred = np.asarray(pred_mask)
+        if pred.dtype.kind not in 'biu':
+            raise DataError(f'the predicted anomaly mask must be bool or integers (nonzero = '
+                            f'anomaly), got dtype {pred.dtype}; threshold the scores first '
+                            '(score > threshold)')
+        gt = _gt_labels(gt_labels, pred.shape, 'the predicted mask')
+        evaluated = (gt == 0) | (gt == 1)
+        n_ids, pred_ids = _components((pred != 0) & evaluated)
+        return self._add(pred_ids, n_ids, gt, evaluated)
+
+    def update_instances(self, pred_ids: Any, gt_labels: Any) -> dict[str, Any]:
+        """Add one frame whose predicted components are given: int [H, W], 0 = none, k > 0 =
+        component k (any ids; pixels on ignored labels are dropped, ids are not relabelled)."""
+        ids = np.asarray(pred_ids)
+        if ids.dtype.kind not in 'iu':
+            raise DataError(f'predicted component ids must be integers (0 = none), got dtype '
+                            f'{ids.dtype}; pass the id map of find_objects_with_ids')
+        gt = _gt_labels(gt_labels, ids.shape, 'the predicted component ids')
+        if ids.size and ids.min() < 0:
+            raise DataError(f'predicted component ids must be >= 0 (0 = none), found '
+                            f'{int(ids.min())}')
+        evaluated = (gt == 0) | (gt == 1)
+        kept = (ids != 0) & evaluated
+        compact = np.zeros(ids.shape, dtype=np.int64)
+        unique, inverse = np.unique(ids[kept], return_inverse=True)
+        compact[kept] = inverse.reshape(-1) + 1
+        return self._add(compact, unique.size + 1, gt, evaluated)
+
+    def _add(self, pred_ids: np.ndarray, n_ids: int, gt: np.ndarray,
+             evaluated: np.ndarray) -> dict[str, Any]:
+        """pred_ids: int [H, W] in 0..n_ids-1, already 0 on ignored pixels."""
+        n_gt_ids, gt_ids = _components(gt == 1)
+        gt_size = np.bincount(gt_ids.reshape(-1), minlength=n_gt_ids)
+        small_gt = gt_size < self.min_gt_area
+        small_gt[0] = False
+        pred_size = np.bincount(pred_ids.reshape(-1), minlength=n_ids)
+        removed = pred_size < self.min_pred_area
+        removed[0] = False
+        if removed.any():
+            pred_ids = np.where(removed[pred_ids], 0, pred_ids)
+        # pixels of the evaluated region (labels 0/1 outside the ignored small GT components)
+        # that lie on a GT or a predicted component; inlier pixels predicted as none add nothing
+        counted = evaluated & ((gt_ids > 0) | (pred_ids > 0))
+        if small_gt.any():
+            counted &= ~small_gt[gt_ids]
+        g = gt_ids[counted].astype(np.int64)
+        p = pred_ids[counted].astype(np.int64)
+        # contingency[i, j]: pixels of GT component i (0 = inlier) and predicted j (0 = none)
+        codes, counts = np.unique(g * n_ids + p, return_counts=True)
+        gi, pj = np.divmod(codes, n_ids)
+        size_g = np.bincount(gi, counts, minlength=n_gt_ids).astype(np.int64)
+        size_p = np.bincount(pj, counts, minlength=n_ids).astype(np.int64)
+        on_inlier = np.bincount(pj[gi == 0], counts[gi == 0], minlength=n_ids).astype(np.int64)
+        missed = np.bincount(gi[pj == 0], counts[pj == 0], minlength=n_gt_ids).astype(np.int64)
+        both = (gi > 0) & (pj > 0)
+        gb, pb, cb = gi[both], pj[both], counts[both]
+        inter_g = np.bincount(gb, cb, minlength=n_gt_ids).astype(np.int64)
+        union_g = size_g + np.bincount(gb, on_inlier[pb], minlength=n_gt_ids).astype(np.int64)
+        inter_p = np.bincount(pb, cb, minlength=n_ids).astype(np.int64)
+        union_p = size_p + np.bincount(pb, missed[gb], minlength=n_ids).astype(np.int64)
+        gt_kept = np.flatnonzero(size_g[1:]) + 1  # small components are gone from the region
+        pred_kept = np.flatnonzero(size_p[1:]) + 1
+        inter_g, union_g = inter_g[gt_kept], union_g[gt_kept]
+        inter_p, size_kept, union_p = inter_p[pred_kept], size_p[pred_kept], union_p[pred_kept]
+        pct = np.asarray(SIOU_PERCENTS, dtype=np.int64)[:, None]
+        tp = np.count_nonzero(100 * inter_g >= pct * union_g, axis=1)
+        self.tp += tp
+        self.fn += gt_kept.size - tp
+        self.fp += np.count_nonzero(100 * inter_p < pct * size_kept, axis=1)
+        siou = inter_g / union_g
+        ppv = inter_p / size_kept
+        siou_pred = inter_p / union_p
+        self._sums['siou'] += float(siou.sum())
+        self._sums['ppv'] += float(ppv.sum())
+        self._sums['siou_pred'] += float(siou_pred.sum())
+        self.n_frames += 1
+        self.n_frames_without_gt += int(gt_kept.size == 0)
+        self.n_gt += int(gt_kept.size)
+        self.n_pred += int(pred_kept.size)
+        self.n_gt_ignored += int(np.count_nonzero(small_gt))
+        self.n_pred_removed += int(np.count_nonzero(removed))
+        return {'n_gt': int(gt_kept.size), 'n_pred': int(pred_kept.size),
+                'siou': siou.tolist(), 'ppv': ppv.tolist(), 'siou_pred': siou_pred.tolist()}
+
+    def compute(self) -> dict[str, Any]:
+        if self.n_frames == 0:
+            raise DataError('ComponentMetrics holds no frame; add frames with update() first')
+        with np.errstate(invalid='ignore', divide='ignore'):
+            f1 = np.where(2 * self.tp + self.fn + self.fp > 0,
+                          2 * self.tp / (2 * self.tp + self.fn + self.fp), np.nan)
+        by_tau = {p: i for i, p in enumerate(SIOU_PERCENTS)}
+        return {
+            'protocol': self.protocol,
+            'siou': _mean(self._sums['siou'], self.n_gt),
+            'ppv': _mean(self._sums['ppv'], self.n_pred),
+            'siou_pred': _mean(self._sums['siou_pred'], self.n_pred),
+            'f1_mean': float(np.mean(f1)),
+            'f1_25': float(f1[by_tau[25]]), 'f1_50': float(f1[by_tau[50]]),
+            'f1_75': float(f1[by_tau[75]]),
+            'thresholds': [p / 100 for p in SIOU_PERCENTS], 'f1': [float(v) for v in f1],
+            'tp': self.tp.tolist(), 'fn': self.fn.tolist(), 'fp': self.fp.tolist(),
+            'n_frames': self.n_frames, 'n_frames_without_gt': self.n_frames_without_gt,
+            'n_gt': self.n_gt, 'n_pred': self.n_pred, 'n_gt_ignored': self.n_gt_ignored,
+            'n_pred_removed': self.n_pred_removed, 'min_pred_area': self.min_pred_area,
+            'min_gt_area': self.min_gt_area,
+        }
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else math.nan
+
+
+def _as_box(box: Any) -> tuple[int, int, int, int]:
+    values = getattr(box, 'box', box)
+    try:
+        x, y, w, h = (int(v) for v in values)
+    except (TypeError, ValueError):
+        raise DataError(f'a predicted box must be (x, y, width, height) in pixels or have a '
+                        f'.box attribute (AnomalyObject), got {box!r}') from None
+    if w <= 0 or h <= 0:
+        raise DataError(f'a predicted box must have a positive width and height, got {box!r}')
+    return x, y, w, h
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes a [P, 4] and b [G, 4] (x, y, w, h; half-open pixel ranges): [P, G]."""
+    ax1, ay1 = a[:, None, 0] + a[:, None, 2], a[:, None, 1] + a[:, None, 3]
+    bx1, by1 = b[None, :, 0] + b[None, :, 2], b[None, :, 1] + b[None, :, 3]
+    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(ay1, by1) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = (iw * ih).astype(np.float64)
+    union = (a[:, None, 2] * a[:, None, 3] + b[None, :, 2] * b[None, :, 3]).astype(np.float64)
+    return inter / (union - inter)
+
+
+def _component_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (x, y, w, h; int64 [N, 4]) and areas (int64 [N]) of the 8-connected components of
+    a bool [H, W] mask. Statistics over the mask pixels: OpenCV's own statistics pass is
+    several times slower than its labelling on large maps (OpenCV 5.1)."""
+    n, ids = _components(mask)
+    points = cv2.findNonZero(mask.view(np.uint8))
+    if points is None:
+        return np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    points = points.reshape(-1, 2).astype(np.int64)
+    xs, ys = points[:, 0], points[:, 1]
+    group = ids[ys, xs].astype(np.intp)
+    low = np.full((2, n), np.iinfo(np.int64).max, dtype=np.int64)
+    high = np.full((2, n), -1, dtype=np.int64)
+    for axis, values in enumerate((xs, ys)):
+        np.minimum.at(low[axis], group, values)
+        np.maximum.at(high[axis], group, values)
+    boxes = np.stack([low[0], low[1], high[0] - low[0] + 1, high[1] - low[1] + 1], axis=1)
+    return boxes[1:], np.bincount(group, minlength=n)[1:].astype(np.int64)
+
+
+class BoxMetrics:
+    """Object detection figures of boxes: recall and precision at box IoU >= `iou_threshold`.
+
+    Ground-truth boxes are the bounding boxes of the 8-connected components of the label-1
+    pixels (1 anomaly, 0 inlier, other values ignored, as `ComponentMetrics`); components
+    smaller than `min_gt_area` pixels are ignored boxes. Matching is one-to-one and greedy by
+    IoU: all (prediction, GT) pairs with IoU >= `iou_threshold`, highest IoU first (ties: lower
+    prediction index, then lower GT index), each box matched at most once; with a threshold of
+    0.5 or more a box rarely has two candidates, and greedy equals an optimal matching then.
+    A matched prediction is a TP, an unmatched GT box a FN. An unmatched prediction is a FP,
+    unless it overlaps an ignored GT box at the threshold or more than `max_ignored_fraction`
+    of its box lies on ignored labels (the box analogue of the benchmark dropping predictions
+    on void); those are counted in `n_pred_ignored` only. This project's definition:
+    SegmentMeIfYouCan scores components, not boxes.
+    """
+
+    protocol = 'boxes'
+
+    def __init__(self, iou_threshold: float = 0.5, min_gt_area: int = 0,
+                 max_ignored_fraction: float = 0.5) -> None:
+        if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) \
+                or not 0.0 < iou_threshold <= 1.0:
+            raise ConfigError(f'iou_threshold must be in (0, 1], e.g. 0.5, got {iou_threshold!r}')
+        if isinstance(max_ignored_fraction, bool) \
+                or not isinstance(max_ignored_fraction, (int, float)) \
+                or not 0.0 <= max_ignored_fraction <= 1.0:
+            raise ConfigError(f'max_ignored_fraction must be in [0, 1] (1 counts every box), got '
+                              f'{max_ignored_fraction!r}')
+        self.iou_threshold = float(iou_threshold)
+        self.min_gt_area = _check_area(min_gt_area, 'min_gt_area')
+        self.max_ignored_fraction = float(max_ignored_fraction)
+        self.tp = self.fp = self.fn = 0
+        self.n_frames = self.n_boxes = self.n_pred_ignored = self.n_gt_ignored = 0
+
+    def update(self, pred_boxes: Any, gt_labels: Any) -> dict[str, int]:
+        """Add one frame: predicted boxes (AnomalyObjects or (x, y, w, h), in pixels of the
+        label map) and its anomaly labels [H, W]. Returns the frame's tp, fp and fn."""
+        gt = np.asarray(gt_labels)
+        if gt.ndim != 2:
+            raise DataError(f'anomaly labels must be an [H, W] map, got shape {list(gt.shape)}')
+        gt = _gt_labels(gt, gt.shape, 'the anomaly labels')
+        boxes = np.array([_as_box(b) for b in pred_boxes], dtype=np.int64).reshape(-1, 4)
+        gt_boxes, areas = _component_boxes(gt == 1)
+        small = areas < self.min_gt_area
+        kept, ignored = gt_boxes[~small], gt_boxes[small]
+        iou = _box_iou(boxes, kept)
+        matched_pred = np.zeros(len(boxes), dtype=bool)
+        matched_gt = np.zeros(len(kept), dtype=bool)
+        pi, gi = np.nonzero(iou >= self.iou_threshold)
+        for k in np.lexsort((gi, pi, -iou[pi, gi])).tolist():
+            if not matched_pred[pi[k]] and not matched_gt[gi[k]]:
+                matched_pred[pi[k]] = matched_gt[gi[k]] = True
+        unmatched = ~matched_pred
+        if ignored.size:
+            unmatched &= ~(_box_iou(boxes, ignored) >= self.iou_threshold).any(axis=1)
+        if boxes.size:
+            unmatched &= self._ignored_share(boxes, gt) <= self.max_ignored_fraction
+        tp, fp = int(matched_pred.sum()), int(unmatched.sum())
+        fn = int(len(kept) - matched_gt.sum())
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+        self.n_frames += 1
+        self.n_boxes += len(boxes)
+        self.n_pred_ignored += len(boxes) - tp - fp
+        self.n_gt_ignored += int(small.sum())
+        return {'tp': tp, 'fp': fp, 'fn': fn, 'n_gt': len(kept), 'n_pred': len(boxes)}
+
+    @staticmethod
+    def _ignored_share(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        """Share of each box's pixels (clipped to the map) on ignored labels: float64 [P]."""
+        height, width = gt.shape
+        shares = np.ones(len(boxes))  # a box wholly outside the map counts as ignored
+        for i, (x, y, w, h) in enumerate(boxes.tolist()):
+            window = gt[max(y, 0):min(y + h, height), max(x, 0):min(x + w, width)]
+            if window.size:
+                shares[i] = 1.0 - np.count_nonzero((window == 0) | (window == 1)) / window.size
+        return shares
+
+    def compute(self) -> dict[str, Any]:
+        if self.n_frames == 0:
+            raise DataError('BoxMetrics holds no frame; add frames with update() first')
+        n_gt = self.tp + self.fn
+        return {
+            'protocol': self.protocol, 'iou_threshold': self.iou_threshold,
+            'recall': _mean(self.tp, n_gt), 'precision': _mean(self.tp, self.tp + self.fp),
+            'f1': _mean(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            'tp': self.tp, 'fp': self.fp, 'fn': self.fn, 'n_gt': n_gt,
+            'n_gt_ignored': self.n_gt_ignored, 'n_boxes': self.n_boxes,
+            'n_pred_ignored': self.n_pred_ignored, 'n_frames': self.n_frames,
+            'objects_per_frame': self.n_boxes / self.n_frames,
+            'false_positives_per_frame': self.fp / self.n_frames,
+        }

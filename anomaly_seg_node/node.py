@@ -3,18 +3,28 @@
 A lifecycle node that configures and activates itself when ``autostart`` is true. rclpy only
 manages publishers and swallows exceptions raised in transition callbacks, so every callback
 catches, logs and returns FAILURE itself, and the subscription and worker are started and
-stopped by hand. Written against rclpy of Humble and Jazzy.
+stopped by hand. SIGINT and SIGTERM only set a flag (node_signals): the main loop spins in short
+slices and then takes the lifecycle shutdown transition, so a second signal during the cleanup
+cannot crash it. Written against rclpy of Humble and Jazzy, and vision_msgs 4 (Point2D in
+Pose2D) for label_info and anomaly_objects.
 """
 
+from collections.abc import Callable
 import math
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from anomaly_seg_node.image_codec import ImageFields, to_message
@@ -22,19 +32,29 @@ from anomaly_seg_node.node_logic import (
     CAMERA_INFO_INPUT,
     CAMERA_INFO_OUTPUT,
     LABEL_INFO_TOPIC,
+    OBJECTS_TOPIC,
     PARAMS,
     CameraInfoOut,
     DiagnosticReport,
     LabelInfoOut,
     NodeCore,
+    ObjectsOut,
     ParamSpec,
+    detection_array_message,
 )
+from anomaly_seg_node.node_signals import StopRequest, run_until_stopped
 from anomaly_seg_node.pipeline import OUTPUTS
 
-try:  # vision_msgs is optional: without it there is no label_info topic.
-    from vision_msgs.msg import LabelInfo, VisionClass
+try:  # vision_msgs is optional: without it there are no label_info and anomaly_objects topics.
+    from vision_msgs.msg import (
+        Detection2D,
+        Detection2DArray,
+        LabelInfo,
+        ObjectHypothesisWithPose,
+        VisionClass,
+    )
 except ImportError:
-    LabelInfo = VisionClass = None
+    Detection2D = Detection2DArray = LabelInfo = ObjectHypothesisWithPose = VisionClass = None
 
 _LEVELS = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR}
 _SUCCESS, _FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
@@ -47,8 +67,12 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
                                      dynamic_typing=spec.dynamic_typing)
     if spec.value_range is not None:
         low, high = spec.value_range
-        descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high,
-                                                              step=0.0)]
+        if spec.integer:
+            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high),
+                                                     step=1)]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=float(low), to_value=float(high), step=0.0)]
     return descriptor
 
 
@@ -72,7 +96,8 @@ class _Transport:
         publisher = self.publishers.get(topic)
         return publisher.get_subscription_count() if publisher is not None else 0
 
-    def publish(self, topic: str, payload: ImageFields | CameraInfoOut | LabelInfoOut) -> None:
+    def publish(self, topic: str,
+                payload: ImageFields | CameraInfoOut | LabelInfoOut | ObjectsOut) -> None:
         publisher = self.publishers.get(topic)
         if publisher is None:
             return
@@ -91,6 +116,9 @@ class _Transport:
                 VisionClass(class_id=i, class_name=name) for i, name in payload.class_map])
             msg.header.stamp = self.node.get_clock().now().to_msg()
             publisher.publish(msg)
+        elif isinstance(payload, ObjectsOut) and Detection2DArray is not None:
+            publisher.publish(detection_array_message(payload, Detection2DArray, Detection2D,
+                                                      ObjectHypothesisWithPose))
 
     def now_ns(self) -> int:
         return self.node.get_clock().now().nanoseconds
@@ -107,15 +135,19 @@ class _Transport:
 
 
 class AnomalySegNode(LifecycleNode):
-    """Camera frames in, semantic and anomaly masks out (see DESIGN.md, ROS 2 interface)."""
+    """Camera frames in; semantic and anomaly masks and anomaly objects out (README, ROS 2
+    usage)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('anomaly_seg', **kwargs)
         for spec in PARAMS:
             self.declare_parameter(spec.name, spec.default, _descriptor(spec))
         self._transport = _Transport(self)
-        self._core = NodeCore(self._transport, name=self.get_name(), share_dir=_share_dir())
+        # The fully qualified name and the remapped topics tell cameras apart on /diagnostics.
+        self._core = NodeCore(self._transport, name=self.get_fully_qualified_name(),
+                              share_dir=_share_dir(), resolve_topic=self.resolve_topic_name)
         self._inputs: list[Any] = []
+        self._told_no_vision_msgs = False
         # Registered after declaring: rclpy runs these callbacks for declarations too, and
         # the defaults and overrides are checked at configure instead.
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -154,8 +186,9 @@ class AnomalySegNode(LifecycleNode):
             if info is not None:
                 self._transport.publish(LABEL_INFO_TOPIC, info)
             config = self._core.config
-            self._transport.log('info', f'active: {config.input_topic} '
-                                f'({config.input_reliability}) -> {", ".join(OUTPUTS)} at '
+            outputs = [*OUTPUTS, *([OBJECTS_TOPIC] if Detection2DArray is not None else [])]
+            self._transport.log('info', f'active: {self.resolve_topic_name(config.input_topic)} '
+                                f'({config.input_reliability}) -> {", ".join(outputs)} at '
                                 f'{config.output_resolution} resolution, resize_mode '
                                 f'{config.resize_mode}')
         except Exception as error:
@@ -200,12 +233,21 @@ class AnomalySegNode(LifecycleNode):
         self._destroy_publishers()
         return _SUCCESS
 
-    def autostart(self) -> None:
-        """Configure, then activate when configure succeeded (the autostart parameter)."""
+    def autostart(self, proceed: Callable[[], bool] = lambda: True) -> None:
+        """Configure, then activate when configure succeeded and ``proceed()`` (no stop was
+        asked for meanwhile): the autostart parameter."""
         self.trigger_configure()
         # trigger_* return values differ across rclpy releases: read the core's state instead.
-        if self._core.state == 'inactive':
+        if self._core.state == 'inactive' and proceed():
             self.trigger_activate()
+
+    def shut_down(self) -> None:
+        """The lifecycle shutdown transition (to finalized) from any primary state, then stop."""
+        try:
+            self.trigger_shutdown()
+        except Exception as error:  # finalized already, or rclpy refuses: stop() still runs
+            self._transport.log('warning', f'lifecycle shutdown transition failed: {error}')
+        self.stop()
 
     def stop(self) -> None:
         """Unsubscribe, stop the worker, free the model; safe in any state and twice."""
@@ -225,6 +267,15 @@ class AnomalySegNode(LifecycleNode):
         if config.output_resolution == 'network':
             publishers[CAMERA_INFO_OUTPUT] = self.create_lifecycle_publisher(
                 CameraInfo, CAMERA_INFO_OUTPUT, images)
+        if Detection2DArray is not None:
+            # The newest frame's objects, like the images: keep last 1, reliable.
+            publishers[OBJECTS_TOPIC] = self.create_lifecycle_publisher(
+                Detection2DArray, OBJECTS_TOPIC, images)
+        elif not self._told_no_vision_msgs:
+            self._told_no_vision_msgs = True
+            self._transport.log('warning', 'vision_msgs is not installed: no label_info and no '
+                                'anomaly_objects topics (the image outputs work); install '
+                                'ros-$ROS_DISTRO-vision-msgs')
         if LabelInfo is not None:
             latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                                  reliability=ReliabilityPolicy.RELIABLE,
@@ -251,9 +302,13 @@ class AnomalySegNode(LifecycleNode):
         else:
             self._inputs.append(self.create_subscription(
                 Image, config.input_topic, core.on_message, qos))
-        if config.output_resolution == 'network':
-            self._inputs.append(self.create_subscription(
-                CameraInfo, CAMERA_INFO_INPUT, core.on_camera_info, qos))
+        # camera_info always: network/camera_info needs it, and its stamps give the camera rate
+        # against which lost frames are counted. Best effort matches every camera_info publisher.
+        info_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                              reliability=ReliabilityPolicy.BEST_EFFORT,
+                              durability=DurabilityPolicy.VOLATILE)
+        self._inputs.append(self.create_subscription(
+            CameraInfo, CAMERA_INFO_INPUT, core.on_camera_info, info_qos))
 
     def _unsubscribe(self) -> None:
         subscriptions, self._inputs = self._inputs, []
@@ -277,21 +332,40 @@ class AnomalySegNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> None:
-    """`ros2 run anomaly_seg anomaly_seg_node`: spin until Ctrl-C, then stop cleanly."""
-    rclpy.init(args=args)
-    node = None
-    try:
+    """`ros2 run anomaly_seg anomaly_seg_node`: spin until SIGINT or SIGTERM, then shut down
+    cleanly (exit code 0) whatever the state and however many signals come."""
+    # Before rclpy.init, so that a signal during the start is a stop request too.
+    stop = StopRequest().install()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    executor = SingleThreadedExecutor()
+    nodes: list[AnomalySegNode] = []
+
+    def start() -> None:
         node = AnomalySegNode()
+        nodes.append(node)
+        executor.add_node(node)
         if node.get_parameter('autostart').value:
-            node.autostart()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.stop()
-            node.destroy_node()
-        rclpy.try_shutdown()
+            node.autostart(proceed=lambda: not stop.requested)
+
+    def spin_once(timeout_s: float) -> None:
+        try:
+            executor.spin_once(timeout_sec=timeout_s)
+        except ExternalShutdownException:
+            stop.request('the ROS context was shut down')
+
+    def finish() -> None:
+        try:
+            for node in nodes:
+                node.get_logger().info(
+                    f'shutting down ({stop.reason})' if stop.reason else 'shutting down')
+                node.shut_down()
+                executor.remove_node(node)
+                node.destroy_node()
+        finally:
+            executor.shutdown()
+            rclpy.try_shutdown()
+
+    run_until_stopped(stop, start=start, spin_once=spin_once, ok=rclpy.ok, finish=finish)
 
 
 if __name__ == '__main__':

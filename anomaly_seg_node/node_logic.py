@@ -10,14 +10,19 @@
 - ``NodeCore`` holds the transition duties (configure: validate, load the artifact, warm up;
   activate: start the worker; deactivate/cleanup: stop it and free the model), the publish
   decisions (lazy outputs by subscriber count, camera_info only at ``output_resolution:
-  network``), the ``max_input_age`` check, and the diagnostics.
+  network``), the ``max_input_age`` and ``max_input_pixels`` checks, the anomaly objects
+  (objects.py on the output maps, boxes in input pixels, drawn on the overlay), and the
+  diagnostics (figures and conditions from node_health; status named after the fully qualified
+  node, topics resolved).
+- ``detection_array_message`` builds the vision_msgs/Detection2DArray of the anomaly objects
+  from message classes passed in, so that it is tested without ROS.
 - ``Transport`` is what the core needs from ROS: subscriber counts, publishing, the node clock
   and the logger. node.py implements it with rclpy; the tests implement it with lists.
 """
 
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -33,24 +38,60 @@ from anomaly_seg_node.backends import BACKENDS, DEVICES, PRECISIONS
 from anomaly_seg_node.errors import (
     AnomalySegError,
     ArtifactError,
+    BackendError,
     ConfigError,
     ImageDecodeError,
 )
-from anomaly_seg_node.image_codec import ImageFields, decode_compressed, decode_image, encode_image
-from anomaly_seg_node.imaging import DEFAULT_RESIZE_MODE, RESIZE_MODES
+from anomaly_seg_node.image_codec import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    ImageFields,
+    decode_compressed,
+    decode_image,
+    encode_image,
+    stamp_ns,
+)
+from anomaly_seg_node.imaging import DEFAULT_RESIZE_MODE, RESIZE_MODES, Fit, plan_fit
+from anomaly_seg_node.node_health import (
+    ERROR,
+    OK,
+    WARN,
+    WINDOW_S,
+    Condition,
+    FrameStats,
+    LossEstimate,
+    WindowSnapshot,
+    loss_condition,
+    loss_estimate,
+    stall_condition,
+)
+from anomaly_seg_node.objects import (
+    AnomalyObject,
+    ObjectParams,
+    draw_objects,
+    find_objects,
+    fpr_table_from_thresholds,
+)
 from anomaly_seg_node.pipeline import OUTPUTS, RESOLUTIONS, FramePipeline, scale_camera_info
 
 INPUT_TRANSPORTS = ('raw', 'compressed')
+# auto: a GPU when the backend finds one, else the CPU (WARN); cuda: a GPU or ERROR.
+NODE_DEVICES = ('auto', *DEVICES)
 RELIABILITIES = ('best_effort', 'reliable')
 # Topics, relative to the node's namespace so that namespaces and remaps work.
 INPUT_TOPICS = {'raw': 'image', 'compressed': 'image/compressed'}
 CAMERA_INFO_INPUT = 'camera_info'
 CAMERA_INFO_OUTPUT = 'network/camera_info'
 LABEL_INFO_TOPIC = 'label_info'
+OBJECTS_TOPIC = 'anomaly_objects'
+OBJECT_CLASS_ID = 'anomaly'  # hypothesis.class_id of every anomaly object
+# objects_drivable_classes: [auto] = those of these classes the artifact has (StreetHazards and
+# CARLA name the lane markings 'road line'); [none] = no restriction.
+ROAD_LIKE_CLASSES = ('road', 'road line', 'lane marking')
+DRIVABLE_AUTO, DRIVABLE_NONE = 'auto', 'none'
 ENCODINGS = {'semantic_mask': 'mono8', 'anomaly_score': '32FC1', 'anomaly_mask': 'mono8',
              'semantic_color': 'rgb8', 'overlay': 'rgb8'}
 STARTUP, CONFIGURE, RUNTIME = 'startup', 'configure', 'runtime'
-OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LOG_PERIOD_S = 5.0  # at most one warning of a kind per period
 _MAX_AGE_S = 3600.0
 
@@ -72,13 +113,22 @@ class ParamSpec:
         return self.kind == STARTUP
 
     @property
+    def integer(self) -> bool:
+        """An integer parameter (ROS type INTEGER, range an IntegerRange)."""
+        return isinstance(self.default, int) and not isinstance(self.default, bool)
+
+    @property
     def constraints(self) -> str:
         """The descriptor's additional_constraints: allowed values and when a change applies."""
         parts = []
         if self.choices:
             parts.append('one of: ' + ', '.join(self.choices))
         if self.value_range is not None:
-            parts.append(f'from {self.value_range[0]:g} to {self.value_range[1]:g}')
+            low, high = self.value_range
+            if self.integer:
+                parts.append(f'from {int(low)} to {int(high)}')
+            else:
+                parts.append(f'from {low:g} to {high:g}')
         parts.append({STARTUP: 'read-only (set it at start)',
                       CONFIGURE: 'read at configure; change it while unconfigured',
                       RUNTIME: 'changeable at run time'}[self.kind])
@@ -92,8 +142,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('backend', 'auto', 'Inference backend; auto picks tensorrt (cached engine), then '
               'torch on CUDA, then onnxruntime, and says which on /diagnostics.',
               choices=BACKENDS),
-    ParamSpec('device', 'cuda', 'Device asked for; running on the CPU although cuda was asked '
-              'is reported as ERROR on /diagnostics.', choices=DEVICES),
+    ParamSpec('device', 'auto', 'auto: a GPU when the backend finds one, else the CPU with a '
+              'WARN on /diagnostics; cuda: a GPU (running on the CPU anyway is an ERROR on '
+              '/diagnostics); cpu.', choices=NODE_DEVICES),
     ParamSpec('precision', 'fp16', 'Inference precision (fp16 applies on CUDA only).',
               choices=PRECISIONS),
     ParamSpec('engine_cache_dir', '', 'Folder of TensorRT engines built by anomaly-seg '
@@ -107,11 +158,25 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('input_reliability', 'best_effort', 'QoS reliability of the input subscription '
               '(keep last 1); best_effort matches reliable and best-effort cameras.',
               choices=RELIABILITIES),
+    ParamSpec('max_input_pixels', MAX_PIXELS, 'The largest frame the node takes, in pixels '
+              '(width x height): larger frames are dropped and counted as rejected_decode on '
+              '/diagnostics; a compressed one before it is decompressed, from the size its '
+              f'header declares. Default: 4K UHD plus 10 %. No 0 = off: {MAX_SIDE ** 2} '
+              f'({MAX_SIDE} x {MAX_SIDE}) leaves only the limit of {MAX_SIDE} pixels per side.',
+              value_range=(1, MAX_SIDE ** 2)),
     ParamSpec('max_input_age', 0.5, 'Seconds; frames whose header stamp is older are dropped '
               '(0 disables the check; frames with a zero stamp are never dropped).',
               value_range=(0.0, _MAX_AGE_S)),
     ParamSpec('input_timeout', 2.0, 'Seconds without an input frame after which /diagnostics '
               'reports WARN (0 disables the watchdog).', value_range=(0.0, _MAX_AGE_S)),
+    ParamSpec('output_timeout', 10.0, 'Seconds of input arriving while nothing is published '
+              '(every frame rejected, stale or failing) after which /diagnostics reports ERROR; '
+              f'it reports WARN, naming the cause, after {WINDOW_S:g} s. 0: never ERROR.',
+              value_range=(0.0, _MAX_AGE_S)),
+    ParamSpec('camera_rate', 0.0, 'Nominal frame rate of the camera in Hz; /diagnostics counts '
+              'the frames lost before the node from header stamp gaps against it. 0: the rate '
+              'of the camera_info stamps, else of the shortest image stamp gaps.',
+              value_range=(0.0, 1000.0)),
     ParamSpec('crop', [0, 0, 0, 0], 'Pixels cut from the top, bottom, left and right edges '
               'before inference (e.g. the bonnet); 4 non-negative integers.'),
     ParamSpec('resize_mode', DEFAULT_RESIZE_MODE, 'How the (cropped) frame is fitted to the '
@@ -127,6 +192,23 @@ PARAMS: tuple[ParamSpec, ...] = (
               'empty: the sidecar default.', kind=RUNTIME, dynamic_typing=True),
     ParamSpec('overlay_alpha', 0.5, 'Weight of the colour mask in the overlay.', kind=RUNTIME,
               value_range=(0.0, 1.0)),
+    ParamSpec('objects_drivable_classes', [DRIVABLE_AUTO], 'Anomaly objects only on these classes '
+              'of the artifact and objects_margin_px around them. [auto]: its road-like classes '
+              f'({", ".join(ROAD_LIKE_CLASSES)}: those it has; none of them: no restriction); '
+              '[none]: no restriction; else class names of the artifact (checked at configure '
+              'and when set).', kind=RUNTIME),
+    ParamSpec('objects_margin_px', 16, 'Pixels (of the output maps) the drivable area is grown '
+              'by, to keep the parts of an object that stands on it.', kind=RUNTIME,
+              value_range=(0, 4096)),
+    ParamSpec('objects_merge_px', 4, 'Anomaly fragments at most this many pixels apart form one '
+              'object (0: 8-connected components only).', kind=RUNTIME, value_range=(0, 4096)),
+    ParamSpec('objects_min_area_px', 50, 'Smallest anomaly object, in pixels of the output maps.',
+              kind=RUNTIME, value_range=(1, MAX_SIDE ** 2)),
+    ParamSpec('objects_min_area_fraction', 0.0, 'Smallest anomaly object as a share of the '
+              'output map (the larger of this and objects_min_area_px applies; 0: off).',
+              kind=RUNTIME, value_range=(0.0, 0.5)),
+    ParamSpec('objects_max', 32, 'Most anomaly objects per frame, the largest first.',
+              kind=RUNTIME, value_range=(1, 1000)),
     ParamSpec('autostart', True, 'Configure and activate the lifecycle node on start; false: '
               'wait for ros2 lifecycle set.', kind=STARTUP),
 )
@@ -139,19 +221,28 @@ class NodeConfig:
 
     artifact: str = ''
     backend: str = 'auto'
-    device: str = 'cuda'
+    device: str = 'auto'
     precision: str = 'fp16'
     engine_cache_dir: str = ''
     allow_engine_build: bool = False
     input_transport: str = 'raw'
     input_reliability: str = 'best_effort'
+    max_input_pixels: int = MAX_PIXELS
     max_input_age: float = 0.5
     input_timeout: float = 2.0
+    output_timeout: float = 10.0
+    camera_rate: float = 0.0
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     resize_mode: str = DEFAULT_RESIZE_MODE
     output_resolution: str = 'input'
     anomaly_threshold: str | float = ''
     overlay_alpha: float = 0.5
+    objects_drivable_classes: tuple[str, ...] = (DRIVABLE_AUTO,)
+    objects_margin_px: int = 16
+    objects_merge_px: int = 4
+    objects_min_area_px: int = 50
+    objects_min_area_fraction: float = 0.0
+    objects_max: int = 32
     autostart: bool = True
 
     @property
@@ -180,6 +271,16 @@ def check_value(name: str, value: Any) -> Any:
         return tuple(int(v) for v in values)
     if name == 'anomaly_threshold':
         return _check_threshold(value)
+    if name == 'objects_drivable_classes':
+        return _check_class_names(value)
+    if spec.integer:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f'parameter {name} must be an integer ({spec.constraints}), got '
+                              f'{value!r}')
+        low, high = spec.value_range or (-math.inf, math.inf)
+        if not low <= value <= high:
+            raise ConfigError(f'parameter {name} must be {spec.constraints}, got {int(value)}')
+        return int(value)
     if isinstance(spec.default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'parameter {name} must be a number ({spec.constraints}), got '
@@ -208,6 +309,19 @@ def _check_threshold(value: Any) -> str | float:
     return float(value)
 
 
+def _check_class_names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
+            isinstance(name, str) for name in value):
+        raise ConfigError('parameter objects_drivable_classes must be a list of class names of '
+                          f'the artifact, [{DRIVABLE_AUTO}] or [{DRIVABLE_NONE}], got {value!r}')
+    names = tuple(name.strip() for name in value)
+    keywords = [name for name in names if name in (DRIVABLE_AUTO, DRIVABLE_NONE)]
+    if keywords and len(names) > 1:
+        raise ConfigError(f'parameter objects_drivable_classes: {keywords[0]} stands alone '
+                          f'([{keywords[0]}]), got {list(names)}')
+    return names
+
+
 def validate_params(values: Mapping[str, Any]) -> NodeConfig:
     """A NodeConfig from parameter values (missing ones take their defaults; others ignored)."""
     checked = {spec.name: check_value(spec.name, values.get(spec.name, spec.default))
@@ -234,22 +348,142 @@ def resolve_threshold_setting(value: str | float, sidecar: Sidecar) -> float:
     return resolve_threshold(sidecar, None if value == '' else value)
 
 
+def drivable_class_ids(names: Sequence[str], classes: Sequence[str]) -> tuple[int, ...]:
+    """The label ids of the ``objects_drivable_classes`` setting for an artifact's classes.
+
+    [auto]: the ROAD_LIKE_CLASSES it has (none: no restriction); [none] or []: no restriction;
+    else every name must be one of ``classes`` (ConfigError listing them otherwise).
+    """
+    names = tuple(names)
+    classes = list(classes)
+    if names == (DRIVABLE_AUTO,):
+        return tuple(sorted(classes.index(name) for name in ROAD_LIKE_CLASSES if name in classes))
+    if names in ((), (DRIVABLE_NONE,)):
+        return ()
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise ConfigError(f'parameter objects_drivable_classes names {unknown}, which are not '
+                          f'classes of the artifact; choose among {", ".join(classes)}, or '
+                          f'[{DRIVABLE_AUTO}] or [{DRIVABLE_NONE}]')
+    return tuple(sorted({classes.index(name) for name in names}))
+
+
+def build_object_params(config: NodeConfig, sidecar: Sidecar, threshold: float) -> ObjectParams:
+    """The ObjectParams of the objects_* parameters, at the node's current threshold."""
+    return ObjectParams(
+        threshold=threshold,
+        drivable_ids=drivable_class_ids(config.objects_drivable_classes, sidecar.classes),
+        drivable_margin=config.objects_margin_px, merge_distance=config.objects_merge_px,
+        min_area_px=config.objects_min_area_px,
+        min_area_fraction=config.objects_min_area_fraction, max_objects=config.objects_max)
+
+
+def object_confidence_source(sidecar: Sidecar) -> tuple[dict[float, float] | None, str]:
+    """The FPR table of the sidecar's fprN thresholds (None: the logistic) and a line saying
+    which confidence the objects get."""
+    names = sorted(name for name in sidecar.thresholds if name.startswith('fpr'))
+    try:
+        table = fpr_table_from_thresholds(sidecar.thresholds)
+    except ArtifactError as error:
+        return None, ('logistic of (max score - threshold), since the sidecar fpr thresholds '
+                      f'are inconsistent ({error})')
+    if table is None:
+        return None, ('logistic of (max score - threshold): the sidecar has fewer than two fprN '
+                      'thresholds')
+    return table, f'1 - false-alarm rate of the max score (sidecar {", ".join(names)})'
+
+
+def check_raw_pixels(msg: Any, max_pixels: int) -> None:
+    """ImageDecodeError when a sensor_msgs/Image declares more than ``max_pixels`` pixels
+    (malformed sizes are left to decode_image, which names the field)."""
+    height: Any = getattr(msg, 'height', None)
+    width: Any = getattr(msg, 'width', None)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (height, width)):
+        pixels = int(height) * int(width)
+        if pixels > max_pixels:
+            raise ImageDecodeError(
+                f'Image is {int(height)} x {int(width)}, {pixels} pixels, above the budget of '
+                f'{max_pixels} pixels (max_input_pixels); raise max_input_pixels for this '
+                'camera, or check the publisher')
+
+
+def network_box_to_input(box: tuple[int, int, int, int], fit: Fit,
+                         crop_top_left: tuple[int, int] = (0, 0)) -> tuple[int, int, int, int]:
+    """A box (x, y, width, height) on the network-size maps as a box of the input frame that
+    covers the same region: the fit undone outward (whole pixels), then the crop offset added."""
+    x, y, width, height = box
+    net_top, net_left = fit.net_box[:2]
+    src_top, src_left, src_h, src_w = fit.src_box
+    scale_y, scale_x = fit.scale
+
+    def span(start: int, size: int, net_start: int, scale: float, src_start: int,
+             src_size: int) -> tuple[int, int]:
+        # rounded first, so that 3.0000000000000004 does not grow a box by a pixel
+        low = max(math.floor(round((start - net_start) / scale, 6)), 0)
+        high = min(math.ceil(round((start + size - net_start) / scale, 6)), src_size)
+        return src_start + low, max(high - low, 1)
+
+    col, out_w = span(x, width, net_left, scale_x, src_left, src_w)
+    row, out_h = span(y, height, net_top, scale_y, src_top, src_h)
+    return col + crop_top_left[1], row + crop_top_left[0], out_w, out_h
+
+
+def detection_array_message(payload: 'ObjectsOut', array_cls: type, detection_cls: type,
+                            hypothesis_cls: type) -> Any:
+    """The vision_msgs/Detection2DArray of ``payload``, from the message classes given
+    (vision_msgs.msg Detection2DArray, Detection2D and ObjectHypothesisWithPose, or stand-ins).
+
+    Header: the input image's, on the array and on every detection. One Detection2D per object,
+    id its index; results: one hypothesis, class_id 'anomaly', score = the object's confidence;
+    bbox: centre and size of the box in input pixels (pixel (0, 0) covers [0, 1) x [0, 1), so a
+    box of columns x .. x + width - 1 is centred at x + width / 2), theta 0.
+    """
+    msg = array_cls()
+    if payload.header is not None:
+        msg.header = payload.header
+    detections = []
+    for index, (obj, (x, y, width, height)) in enumerate(
+            zip(payload.objects, payload.boxes, strict=True)):
+        detection = detection_cls()
+        if payload.header is not None:
+            detection.header = payload.header
+        detection.id = str(index)
+        hypothesis = hypothesis_cls()
+        hypothesis.hypothesis.class_id = OBJECT_CLASS_ID
+        hypothesis.hypothesis.score = float(obj.confidence)
+        detection.results = [hypothesis]
+        # rosidl's float64 setters refuse ints: every value is a float
+        detection.bbox.center.position.x = float(x + width / 2)
+        detection.bbox.center.position.y = float(y + height / 2)
+        detection.bbox.center.theta = 0.0
+        detection.bbox.size_x = float(width)
+        detection.bbox.size_y = float(height)
+        detections.append(detection)
+    msg.detections = detections
+    return msg
+
+
+def expand_topic(node_name: str, topic: str) -> str:
+    """``topic`` in the namespace of the fully qualified ``node_name`` (no remapping applied)."""
+    if topic.startswith('/'):
+        return topic
+    return f'{node_name.rsplit("/", 1)[0]}/{topic}'
+
+
 def wanted_outputs(counts: Mapping[str, int]) -> set[str]:
     """The image outputs worth computing: those with at least one subscriber."""
     return {name for name in OUTPUTS if counts.get(name, 0) > 0}
 
 
+def wants_objects(objects_subscribed: bool, want: set[str]) -> bool:
+    """Anomaly objects are found for anomaly_objects subscribers and for the overlay, which
+    draws their boxes."""
+    return objects_subscribed or 'overlay' in want
+
+
 def wants_camera_info(output_resolution: str, subscribers: int) -> bool:
     """network/camera_info goes out only for network-size outputs, and only when listened to."""
     return output_resolution == 'network' and subscribers > 0
-
-
-def stamp_ns(header: Any) -> int:
-    """A std_msgs/Header stamp in nanoseconds (0 when it has none)."""
-    stamp = getattr(header, 'stamp', None)
-    if stamp is None:
-        return 0
-    return int(getattr(stamp, 'sec', 0)) * 1_000_000_000 + int(getattr(stamp, 'nanosec', 0))
 
 
 class Throttle:
@@ -390,6 +624,15 @@ class LabelInfoOut:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectsOut:
+    """anomaly_objects (vision_msgs/Detection2DArray): one frame's anomaly objects."""
+
+    header: Any  # the input image's
+    objects: tuple[AnomalyObject, ...]  # as found on the output maps (largest first)
+    boxes: tuple[tuple[int, int, int, int], ...]  # (x, y, width, height) of each, input pixels
+
+
+@dataclasses.dataclass(frozen=True)
 class DiagnosticReport:
     """One diagnostic_msgs/DiagnosticStatus."""
 
@@ -405,7 +648,8 @@ class Transport(Protocol):
 
     def subscription_count(self, topic: str) -> int: ...
 
-    def publish(self, topic: str, payload: ImageFields | CameraInfoOut | LabelInfoOut) -> None:
+    def publish(self, topic: str,
+                payload: ImageFields | CameraInfoOut | LabelInfoOut | ObjectsOut) -> None:
         ...
 
     def now_ns(self) -> int: ...
@@ -426,62 +670,6 @@ def _load_backend(sidecar: Sidecar, backend: str, device: str, precision: str,
                 engine_cache_dir=engine_cache_dir)
 
 
-class FrameStats:
-    """Counters and recent timings of the running node (thread-safe)."""
-
-    def __init__(self, window: int = 300) -> None:
-        self._lock = threading.Lock()
-        self.counts = {'processed': 0, 'rejected_decode': 0, 'rejected_stale': 0,
-                       'failed': 0, 'skipped_unsubscribed': 0}
-        self._done_ns: deque[int] = deque(maxlen=window)  # monotonic completion times
-        self._arrivals_ns: deque[int] = deque(maxlen=window)
-        self._processing_ms: deque[float] = deque(maxlen=window)  # arrival -> published
-        self._latency_ms: deque[float] = deque(maxlen=window)  # header stamp -> published
-        self._infer_ms: deque[float] = deque(maxlen=window)
-        self.last_arrival_ns: int | None = None
-
-    def arrived(self, now_ns: int) -> None:
-        with self._lock:
-            self._arrivals_ns.append(now_ns)
-            self.last_arrival_ns = now_ns
-
-    def count(self, key: str) -> None:
-        with self._lock:
-            self.counts[key] += 1
-
-    def done(self, now_ns: int, processing_ms: float, latency_ms: float | None,
-             infer_ms: float | None) -> None:
-        with self._lock:
-            self.counts['processed'] += 1
-            self._done_ns.append(now_ns)
-            self._processing_ms.append(processing_ms)
-            if latency_ms is not None:
-                self._latency_ms.append(latency_ms)
-            if infer_ms is not None:
-                self._infer_ms.append(infer_ms)
-
-    def summary(self, now_ns: int, window_s: float = 5.0) -> dict[str, float]:
-        """Rates over the last ``window_s`` seconds and timings of the recent frames."""
-        with self._lock:
-            start = now_ns - int(window_s * 1e9)
-            out = {'input_rate_hz': _rate([t for t in self._arrivals_ns if t >= start]),
-                   'output_rate_hz': _rate([t for t in self._done_ns if t >= start])}
-            for key, values in (('processing_ms', self._processing_ms),
-                                ('latency_ms', self._latency_ms), ('infer_ms', self._infer_ms)):
-                if values:
-                    array = np.asarray(values)
-                    out[f'{key}_mean'] = float(array.mean())
-                    out[f'{key}_max'] = float(array.max())
-            return out
-
-
-def _rate(times_ns: Sequence[int]) -> float:
-    """Events per second between the first and the last of ``times_ns`` (0 for fewer than 2)."""
-    if len(times_ns) < 2 or times_ns[-1] <= times_ns[0]:
-        return 0.0
-    return (len(times_ns) - 1) * 1e9 / (times_ns[-1] - times_ns[0])
-
-
 class NodeCore:
     """The node without ROS: transitions, newest-frame worker, publish decisions, diagnostics.
 
@@ -489,12 +677,17 @@ class NodeCore:
     -> (deactivate) inactive -> (cleanup) unconfigured; shutdown -> finalized from any of them.
     """
 
-    def __init__(self, transport: Transport, name: str = 'anomaly_seg',
+    def __init__(self, transport: Transport, name: str = '/anomaly_seg',
                  loader: Loader = _load_backend, share_dir: str | os.PathLike | None = None,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns,
-                 throttle: Throttle | None = None) -> None:
+                 throttle: Throttle | None = None,
+                 resolve_topic: Callable[[str], str] | None = None) -> None:
+        """``name``: the fully qualified node name (it names the /diagnostics status);
+        ``resolve_topic``: a relative topic as the node sees it after remapping (default: in the
+        namespace of ``name``)."""
         self.transport = transport
         self.name = name
+        self.resolve_topic = resolve_topic or functools.partial(expand_topic, name)
         self.loader = loader
         self.share_dir = share_dir
         self.monotonic_ns = monotonic_ns
@@ -505,7 +698,11 @@ class NodeCore:
         self.segmenter: Any = None
         self.pipeline: FramePipeline | None = None
         self.threshold = math.nan
+        self.object_params: ObjectParams | None = None  # replaced whole, never changed in place
+        self.fpr_table: dict[float, float] | None = None  # None: logistic object confidence
+        self.confidence_source = ''
         self.last_error = ''
+        self.device_note = ''  # why device auto ended on the CPU
         self.slot = NewestFrameSlot()
         self.stats = FrameStats()
         self.worker: FrameWorker | None = None
@@ -527,16 +724,18 @@ class NodeCore:
             path = resolve_artifact(config.artifact, self.share_dir)
             sidecar = read_sidecar(path)
             threshold = resolve_threshold_setting(config.anomaly_threshold, sidecar)
+            object_params = build_object_params(config, sidecar, threshold)
+            fpr_table, confidence_source = object_confidence_source(sidecar)
             if config.allow_engine_build:
                 from anomaly_seg_node.build_engine import engine_wanted, ensure_engine
 
-                if engine_wanted(config.backend, config.device, sidecar):
+                gpu = 'cuda' if config.device == 'auto' else config.device
+                if engine_wanted(config.backend, gpu, sidecar):
                     # Blocks configure for minutes when the engine is missing; that is the
                     # trade asked for by allow_engine_build.
                     ensure_engine(sidecar, config.precision, config.engine_cache_dir or None,
                                   allow_build=True, log=self.transport.log)
-            self.segmenter = self.loader(sidecar, config.backend, config.device,
-                                         config.precision, config.engine_cache_dir or None)
+            self.segmenter = self._load(sidecar, config)
             self.pipeline = FramePipeline(
                 self.segmenter, sidecar.classes, sidecar.palette, void_id=sidecar.void_id,
                 crop=config.crop, output_resolution=config.output_resolution,
@@ -550,6 +749,8 @@ class NodeCore:
             raise
         with self._lock:
             self.config, self.sidecar, self.threshold = config, sidecar, threshold
+            self.object_params, self.fpr_table = object_params, fpr_table
+            self.confidence_source = confidence_source
         self.camera_info = None
         self.last_error = ''
         self.state = 'inactive'
@@ -559,7 +760,35 @@ class NodeCore:
         if self.cpu_fallback():
             self.transport.log('error', 'device cuda was asked for but inference runs on the '
                                f'CPU ({getattr(self.segmenter, "reason", "")}); expect a low '
-                               'frame rate; check the CUDA install or set device cpu')
+                               'frame rate; check the CUDA install or set device auto or cpu')
+        elif self.auto_on_cpu():
+            self.transport.log('warning', 'no GPU: inference runs on the CPU '
+                               f'({self.device_note}); expect a low frame rate')
+        self.transport.log('info', f'anomaly objects: {self.describe_objects()}; confidence '
+                           f'{confidence_source}')
+
+    def _load(self, sidecar: Sidecar, config: NodeConfig) -> Any:
+        """The backend on the device asked for; device auto tries cuda, then the CPU (fp32)."""
+        cache = config.engine_cache_dir or None
+        self.device_note = ''
+        if config.device != 'auto':
+            return self.loader(sidecar, config.backend, config.device, config.precision, cache)
+        try:
+            # backend auto falls back to the CPU by itself and says why in its reason.
+            segmenter = self.loader(sidecar, config.backend, 'cuda', config.precision, cache)
+        except BackendError as gpu_error:
+            if config.backend == 'tensorrt':  # runs on a GPU only
+                raise
+            try:
+                segmenter = self.loader(sidecar, config.backend, 'cpu', 'fp32', cache)
+            except BackendError as cpu_error:
+                raise BackendError(f'{cpu_error} (device auto tried cuda first: {gpu_error})'
+                                   ) from None
+            self.device_note = f'device auto, {config.backend} has no GPU here: {gpu_error}'
+            return segmenter
+        if getattr(segmenter, 'device', 'cpu') != 'cuda':
+            self.device_note = str(getattr(segmenter, 'reason', ''))
+        return segmenter
 
     def activate(self) -> None:
         """Start the worker thread; the caller subscribes afterwards."""
@@ -613,6 +842,7 @@ class NodeCore:
         self.segmenter = None
         self.sidecar = None
         self.threshold = math.nan
+        self.object_params = self.fpr_table = None
         # Free cached GPU memory when a torch backend ran; never import torch here.
         torch = sys.modules.get('torch')
         if torch is not None and torch.cuda.is_available():
@@ -650,8 +880,19 @@ class NodeCore:
                     threshold = resolve_threshold_setting(checked[name], self.sidecar)
             except AnomalySegError as error:
                 return str(error)
+        config = dataclasses.replace(self.config, **checked)
+        object_params = None
+        objects_changed = any(name.startswith('objects_') for name in checked)
+        if self.sidecar is not None and (threshold is not None or objects_changed):
+            try:
+                object_params = build_object_params(
+                    config, self.sidecar, self.threshold if threshold is None else threshold)
+            except AnomalySegError as error:
+                return str(error)
         with self._lock:
-            self.config = dataclasses.replace(self.config, **checked)
+            self.config = config
+            if object_params is not None:
+                self.object_params = object_params
             if self.pipeline is not None:
                 if threshold is not None:
                     self.pipeline.threshold = threshold
@@ -661,8 +902,11 @@ class NodeCore:
         if threshold is not None:
             self.transport.log('info', f'anomaly threshold now {threshold:g} '
                                f'({checked["anomaly_threshold"] or "default"})')
-            if self.state == 'active':
-                self.transport.publish(LABEL_INFO_TOPIC, self.label_info())
+            info = self.label_info()
+            if self.state == 'active' and info is not None:
+                self.transport.publish(LABEL_INFO_TOPIC, info)
+        if objects_changed and object_params is not None:
+            self.transport.log('info', f'anomaly objects: {self.describe_objects()}')
         return None
 
     # Frames ------------------------------------------------------------------------------
@@ -672,11 +916,14 @@ class NodeCore:
         if self.state != 'active':
             return
         now = self.monotonic_ns()
-        self.stats.arrived(now)
+        self.stats.arrived(now, stamp_ns(getattr(msg, 'header', None)))
         self.slot.put(Frame(msg, compressed, now))
 
     def on_camera_info(self, msg: Any) -> None:
+        """The camera_info callback: kept for network/camera_info, stamps for the loss estimate."""
         self.camera_info = msg
+        if self.state == 'active':
+            self.stats.camera_info(self.monotonic_ns(), stamp_ns(getattr(msg, 'header', None)))
 
     def process(self, frame: Frame) -> None:
         """Run one frame through the pipeline and publish what is subscribed (worker thread)."""
@@ -688,29 +935,46 @@ class NodeCore:
         if config.max_input_age > 0 and stamp > 0:
             age_s = (self.transport.now_ns() - stamp) / 1e9
             if age_s > config.max_input_age:
-                self.stats.count('rejected_stale')
+                self.stats.count('rejected_stale', self.monotonic_ns(), f'{age_s:.1f} s')
                 self.warn('stale', f'dropped a frame {age_s:.3f} s old (max_input_age '
                           f'{config.max_input_age:g} s); check the camera and node clocks '
                           '(use_sim_time when replaying a bag) or raise max_input_age')
                 return
         counts = {name: self.transport.subscription_count(name) for name in OUTPUTS}
         want = wanted_outputs(counts)
+        objects_subscribed = self.transport.subscription_count(OBJECTS_TOPIC) > 0
+        params = self.object_params
+        objects_wanted = params is not None and wants_objects(objects_subscribed, want)
         info_wanted = wants_camera_info(config.output_resolution,
                                         self.transport.subscription_count(CAMERA_INFO_OUTPUT))
-        if not want and not info_wanted:
-            self.stats.count('skipped_unsubscribed')
+        if not want and not objects_wanted and not info_wanted:
+            self.stats.count('skipped_unsubscribed', self.monotonic_ns())
             return
         try:
-            rgb = decode_compressed(frame.msg) if frame.compressed else decode_image(frame.msg)
+            if frame.compressed:
+                rgb = decode_compressed(frame.msg, max_pixels=config.max_input_pixels)
+            else:
+                check_raw_pixels(frame.msg, config.max_input_pixels)
+                rgb = decode_image(frame.msg)
         except ImageDecodeError as error:
-            self.stats.count('rejected_decode')
+            self.stats.count('rejected_decode', self.monotonic_ns(), str(error))
             self.warn('decode', f'dropped a frame that cannot be decoded: {error}')
             return
-        result = pipeline.process(rgb, want) if want else None
+        compute = set(want)
+        if objects_wanted and params is not None:
+            compute.add('anomaly_score')
+            if params.drivable_ids:
+                compute.add('semantic_mask')
+        result = pipeline.process(rgb, compute) if compute else None
+        found = None
+        if objects_wanted and params is not None and result is not None:
+            found = self._objects(result, params, pipeline, rgb.shape[:2], header)
         for name in OUTPUTS:
             array = getattr(result, name, None)
-            if array is not None:
+            if array is not None and name in want:
                 self.transport.publish(name, encode_image(array, ENCODINGS[name], header))
+        if found is not None and objects_subscribed:
+            self.transport.publish(OBJECTS_TOPIC, found)
         if info_wanted:
             info = self._network_camera_info(header, rgb.shape[:2], pipeline, config)
             if info is not None:
@@ -719,7 +983,27 @@ class NodeCore:
         # No latency without a stamp, or before /clock ticks under use_sim_time (now is 0).
         latency = (now - stamp) / 1e6 if stamp > 0 and now > 0 else None
         infer = result.timings_ms.get('infer') if result is not None else None
-        self.stats.done(done, (done - frame.arrival_ns) / 1e6, latency, infer)
+        self.stats.done(done, (done - frame.arrival_ns) / 1e6, latency, infer,
+                        None if found is None else len(found.objects))
+
+    def _objects(self, result: Any, params: ObjectParams, pipeline: FramePipeline,
+                 frame_hw: tuple[int, int], header: Any) -> ObjectsOut:
+        """The frame's anomaly objects on the output maps, drawn on the overlay, with their
+        boxes in input pixels."""
+        if params.threshold != result.threshold:  # a threshold change between the two reads
+            params = dataclasses.replace(params, threshold=result.threshold)
+        objects = find_objects(result.anomaly_score, result.semantic_mask, params,
+                               self.fpr_table)
+        if result.overlay is not None and objects:
+            draw_objects(result.overlay, objects)
+        if pipeline.output_resolution == 'input':
+            boxes = tuple(obj.box for obj in objects)
+        else:
+            top, bottom, left, right = pipeline.crop
+            fit = plan_fit((frame_hw[0] - top - bottom, frame_hw[1] - left - right),
+                           pipeline.input_size, pipeline.resize_mode)
+            boxes = tuple(network_box_to_input(obj.box, fit, (top, left)) for obj in objects)
+        return ObjectsOut(header=header, objects=tuple(objects), boxes=boxes)
 
     def _network_camera_info(self, header: Any, size: tuple[int, int],
                              pipeline: FramePipeline, config: NodeConfig) -> CameraInfoOut | None:
@@ -743,7 +1027,7 @@ class NodeCore:
         self.transport.log('warning', message)
 
     def _on_worker_error(self, error: BaseException) -> None:
-        self.stats.count('failed')
+        self.stats.count('failed', self.monotonic_ns(), f'{type(error).__name__}: {error}')
         self.warn('failed', f'a frame failed ({type(error).__name__}: {error}); the node goes '
                   'on with the next frame')
 
@@ -764,9 +1048,28 @@ class NodeCore:
         class_map = tuple(enumerate(sidecar.classes)) + ((sidecar.void_id, 'void'),)
         return LabelInfoOut(class_map=class_map, threshold=self.threshold)
 
+    def describe_objects(self) -> str:
+        """The object settings in words (drivable classes by name)."""
+        params, sidecar = self.object_params, self.sidecar
+        if params is None or sidecar is None:
+            return 'not configured'
+        if params.drivable_ids:
+            names = ', '.join(sidecar.classes[i] for i in params.drivable_ids)
+            where = f'on {names} (margin {params.drivable_margin} px)'
+        else:
+            where = 'anywhere (no drivable restriction)'
+        return (f'{where}, fragments within {params.merge_distance} px merged, at least '
+                f'{params.min_area_px} px and {params.min_area_fraction:g} of the map, at most '
+                f'{params.max_objects}')
+
     def cpu_fallback(self) -> bool:
         """True when device cuda was asked for but the backend runs on the CPU."""
         return (self.segmenter is not None and self.config.device == 'cuda'
+                and getattr(self.segmenter, 'device', 'cpu') != 'cuda')
+
+    def auto_on_cpu(self) -> bool:
+        """True when device auto found no GPU and the backend runs on the CPU."""
+        return (self.segmenter is not None and self.config.device == 'auto'
                 and getattr(self.segmenter, 'device', 'cpu') != 'cuda')
 
     def describe_backend(self) -> str:
@@ -777,47 +1080,88 @@ class NodeCore:
                 f'{getattr(seg, "precision", "?")} ({getattr(seg, "reason", "")})')
 
     def diagnostics(self) -> DiagnosticReport:
-        """The node's /diagnostics status now."""
+        """The node's /diagnostics status now: every active condition, worst first."""
         now = self.monotonic_ns()
         config, seg, sidecar = self.config, self.segmenter, self.sidecar
-        summary = self.stats.summary(now)
+        snapshot = self.stats.snapshot(now)
+        input_topic = self.resolve_topic(config.input_topic)
         values: list[tuple[str, str]] = [('state', self.state)]
         if seg is not None and sidecar is not None:
             kind = 'onnx' if getattr(seg, 'backend', '') == 'onnxruntime' else 'pt2'
             ref = sidecar.files.get(kind)
             values += [('backend', str(getattr(seg, 'backend', '?'))),
                        ('device', str(getattr(seg, 'device', '?'))),
+                       ('device_asked', config.device),
                        ('precision', str(getattr(seg, 'precision', '?'))),
                        ('backend_reason', str(getattr(seg, 'reason', ''))),
                        ('artifact', str(sidecar.source)),
                        ('artifact_sha256', ref.sha256 if ref is not None else ''),
                        ('anomaly_threshold', f'{self.threshold:g}')]
-        values += [('input_topic', config.input_topic),
+        values += [('input_topic', input_topic),
+                   ('camera_info_topic', self.resolve_topic(CAMERA_INFO_INPUT)),
                    ('frames_received', str(self.slot.received)),
                    ('frames_dropped', str(self.slot.dropped))]
         values += [(f'frames_{key}', str(number)) for key, number in self.stats.counts.items()]
-        values += [(key, f'{number:.3f}') for key, number in summary.items()]
+        # Everything below is over the last window_s seconds, so it ages out.
+        values += [('window_s', f'{snapshot.window_s:g}'),
+                   ('input_rate_hz', f'{snapshot.input_rate_hz:.3f}'),
+                   ('output_rate_hz', f'{snapshot.output_rate_hz:.3f}')]
+        values += [(key, f'{number:.3f}') for key, number in snapshot.timings.items()]
+        values += [(key, f'{number:.3f}') for key, number in snapshot.objects.items()]
+        if self.object_params is not None:
+            values.append(('objects_confidence',
+                           'fpr table' if self.fpr_table is not None else 'logistic'))
+        loss = loss_estimate(snapshot, config.camera_rate) if self.state == 'active' else None
+        if loss is not None:
+            values += [('frames_lost_estimate', str(loss.lost)),
+                       ('frame_loss_ratio', f'{loss.ratio:.3f}'),
+                       ('camera_rate_hz', f'{loss.rate_hz:.2f}'),
+                       ('camera_rate_source', loss.source)]
 
-        level, message = OK, self.state
-        silence = self._input_silence_s(now, config)
-        if self.last_error:
-            level, message = ERROR, self.last_error
-        elif self.worker is not None and not self.worker.alive:
-            level, message = ERROR, 'the worker thread stopped; restart the node'
-        elif self.cpu_fallback():
-            level, message = ERROR, (f'running on the CPU although device cuda was asked for: '
-                                     f'{getattr(seg, "reason", "")}')
-        elif silence is not None:
-            level, message = WARN, (f'no input on {config.input_topic} for {silence:.1f} s; '
-                                    'check the remap and QoS (input_reliability)')
-        elif self.state == 'active':
-            message = (f'active: {summary["output_rate_hz"]:.1f} Hz out of '
-                       f'{summary["input_rate_hz"]:.1f} Hz in')
-            if 'processing_ms_mean' in summary:
-                message += f', {summary["processing_ms_mean"]:.1f} ms per frame'
-        hardware = str(getattr(seg, 'device', config.device)) if seg is not None else ''
+        conditions = sorted(self.conditions(now, snapshot, loss, input_topic),
+                            key=lambda condition: -condition.level)
+        if conditions:
+            level = conditions[0].level
+            message = '; '.join(condition.text for condition in conditions)
+        else:
+            level, message = OK, self.state
+            if self.state == 'active':
+                message = (f'active: {snapshot.output_rate_hz:.1f} Hz out of '
+                           f'{snapshot.input_rate_hz:.1f} Hz in')
+                if 'processing_ms_mean' in snapshot.timings:
+                    message += (f', {snapshot.timings["processing_ms_mean"]:.1f} ms per '
+                                'frame')
         return DiagnosticReport(level=level, name=f'{self.name}: anomaly segmentation',
-                                message=message, hardware_id=hardware, values=tuple(values))
+                                message=message, hardware_id=input_topic, values=tuple(values))
+
+    def conditions(self, now: int, snapshot: WindowSnapshot, loss: LossEstimate | None,
+                   input_topic: str) -> list[Condition]:
+        """Every reason for WARN or ERROR that holds now (a worse one never hides another)."""
+        config, seg = self.config, self.segmenter
+        found: list[Condition] = []
+        if self.last_error:
+            found.append(Condition(ERROR, self.last_error))
+        if self.worker is not None and not self.worker.alive:
+            found.append(Condition(ERROR, 'the worker thread stopped; restart the node'))
+        if self.cpu_fallback():
+            found.append(Condition(ERROR, 'running on the CPU although device cuda was asked '
+                                   f'for: {getattr(seg, "reason", "")}; fix the CUDA install '
+                                   'or set device auto'))
+        elif self.auto_on_cpu():
+            found.append(Condition(WARN, f'no GPU: running on the CPU ({self.device_note}); '
+                                   'expect a low frame rate'))
+        if self.state != 'active':
+            return found
+        silence = self._input_silence_s(now, config)
+        if silence is not None:
+            found.append(Condition(WARN, f'no input on {input_topic} for {silence:.1f} s; '
+                                   'check the remap and QoS (input_reliability)'))
+        for condition in (stall_condition(snapshot, now, input_topic, config.max_input_age,
+                                          config.output_timeout),
+                          loss_condition(loss, config.input_reliability)):
+            if condition is not None:
+                found.append(condition)
+        return found
 
     def _input_silence_s(self, now: int, config: NodeConfig) -> float | None:
         """Seconds without input when the watchdog should fire, else None."""

@@ -35,8 +35,12 @@ _MAX_FITS = 16  # frame sizes whose fit is cached (and warned about); a camera h
 
 
 class SegmenterOutput(Protocol):
-    labels: np.ndarray  # int32 [N, H, W]
-    anomaly_score: np.ndarray  # float32 [N, H, W]
+    # Read-only, so frozen results (backends.SegResult) qualify.
+    @property
+    def labels(self) -> np.ndarray: ...  # int32 [N, H, W]
+
+    @property
+    def anomaly_score(self) -> np.ndarray: ...  # float32 [N, H, W]
 
 
 class Segmenter(Protocol):
@@ -232,9 +236,9 @@ class FramePipeline:
             base = net_frame
         clock.lap('upsample')
 
-        anomaly = None
+        anomaly: np.ndarray | None = None
         if scores32 is not None and want & {'anomaly_mask', 'overlay'}:
-            anomaly = np.greater(scores32, threshold)  # NaN (unseen) compares False
+            anomaly = np.asarray(scores32 > threshold)  # NaN (unseen) compares False
             if 'anomaly_mask' in want:
                 mask = anomaly.view(np.uint8)
                 result.anomaly_mask = mask * np.uint8(255)
@@ -245,7 +249,8 @@ class FramePipeline:
             colour = np.take(self.lut, labels8, axis=0)
         clock.lap('colour')
 
-        if 'overlay' in want and colour is not None and anomaly is not None:
+        if 'overlay' in want and labels8 is not None and colour is not None \
+                and anomaly is not None:
             overlay = cv2.addWeighted(np.ascontiguousarray(base), 1.0 - alpha, colour, alpha, 0.0)
             np.copyto(overlay, base, where=(labels8 == self.void_id)[:, :, None])
             overlay[anomaly] = self.anomaly_color

@@ -6,6 +6,15 @@ decodes frames with :mod:`anomaly_seg_node.image_codec`, runs :class:`FramePipel
 label frames to images by header stamp and streams the metrics of :mod:`metrics` (per frame and
 pooled) in memory that does not grow with the bag.
 
+With ``objects`` (an :class:`ObjectParams` at the pipeline's threshold), every processed frame's
+anomaly objects are found on its outputs (:func:`objects.find_objects`: the anomaly score and
+semantic mask at output resolution; NaN = unseen is never part of an object), timed as the stage
+``objects`` and counted in ``process`` (the node's worker will publish them). Labelled frames
+then also give the component metrics of SegmentMeIfYouCan (:class:`metrics.ComponentMetrics`,
+no size filters) twice: of the pixel mask ``score > threshold`` (the benchmark's protocol) and of
+the objects as a planner sees them (``update_instances``), plus :class:`metrics.BoxMetrics` of
+their boxes.
+
 Two modes:
 
 - as fast as possible (``rate=None``): every frame is processed, one after the other;
@@ -19,7 +28,7 @@ Two modes:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
 from pathlib import Path
@@ -33,7 +42,6 @@ from anomaly_seg_node.bag_reader import (
     BagTopics,
     choose_topics,
     open_bag,
-    stamp_ns,
 )
 from anomaly_seg_node.errors import (
     AnomalySegError,
@@ -41,13 +49,22 @@ from anomaly_seg_node.errors import (
     ConfigError,
     ImageDecodeError,
 )
-from anomaly_seg_node.image_codec import decode_compressed, decode_image
+from anomaly_seg_node.image_codec import decode_compressed, decode_image, stamp_ns
 from anomaly_seg_node.labels import LabelSpec, fitting_conventions
 from anomaly_seg_node.metrics import (
+    BinnedPerImageOOD,
+    BoxMetrics,
+    ComponentMetrics,
     ConfusionMatrix,
     OpenSetConfusion,
     PerImageOOD,
     PooledOOD,
+)
+from anomaly_seg_node.objects import (
+    AnomalyObject,
+    ObjectParams,
+    find_objects,
+    find_objects_with_ids,
 )
 from anomaly_seg_node.pipeline import FramePipeline, FrameResult
 from anomaly_seg_node.replay_outputs import ReplaySink
@@ -140,7 +157,7 @@ class LiveSchedule:
         self.free_at: int | None = None  # when the worker finishes its current frame
         self._pending: tuple[int, Any] | None = None
         self.arrived = self.processed = self.dropped = 0
-        self._last = None
+        self._last: int | None = None
 
     def arrive(self, t_ns: int, item: Any) -> None:
         t_ns = int(t_ns)
@@ -175,9 +192,10 @@ class LiveSchedule:
 class Frame:
     """One camera frame read from the bag; ``label`` is the matched label message or None.
 
-    While the sinks see a processed frame, ``image`` holds its decoded RGB uint8 `[H, W, 3]` and
+    While the sinks see a processed frame, ``image`` holds its decoded RGB uint8 `[H, W, 3]`,
     ``anomaly_target`` its labelled anomaly target (uint8 1 anomaly / 0 inlier / ignore, at the
-    image size) when it has labels; both are dropped afterwards to keep memory flat.
+    image size) when it has labels and ``objects`` its anomaly objects (in pixels of the
+    outputs) when the replay finds them; all are dropped afterwards to keep memory flat.
     """
 
     index: int
@@ -189,6 +207,7 @@ class Frame:
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
     image: np.ndarray | None = None
     anomaly_target: np.ndarray | None = None
+    objects: list[AnomalyObject] | None = None
 
 
 class StampMatcher:
@@ -258,22 +277,37 @@ class StampMatcher:
 
 
 class FrameEvaluator:
-    """Streams per-frame and pooled anomaly metrics, closed mIoU and open-mIoU.
+    """Streams per-frame and pooled anomaly metrics, closed mIoU, open-mIoU and the component
+    metrics at the threshold.
 
     Labels without class ids (``labels.has_classes`` False, e.g. ``--labels binary``) give the
-    anomaly metrics only; closed and open-set mIoU then report why they are not available.
+    anomaly and component metrics only; closed and open-set mIoU then report why they are not
+    available. ``objects`` (the replay's object parameters, with the class names of their
+    drivable ids) adds the component and box metrics of the objects (`update_components`).
+    The per-image anomaly metrics are `BinnedPerImageOOD`'s (each frame's curve in the pooled
+    binning, with error bounds); ``exact_per_image`` gives `PerImageOOD`'s exact ones instead,
+    at the cost of a sort of every frame's scores.
     """
 
     def __init__(self, classes: Sequence[str], labels: LabelSpec, threshold: float,
-                 pooled_bits: int = 20) -> None:
+                 pooled_bits: int = 20, objects: dict[str, Any] | None = None,
+                 exact_per_image: bool = False) -> None:
         self.classes = list(classes)
         self.labels = labels
         self.threshold = float(threshold)
         k = len(self.classes)
-        self.per_image = PerImageOOD()
+        # Per-image AP from each frame's histogram in the pooled binning: linear per frame,
+        # where the exact curve sorted every frame's scores (half the non-inference time).
+        self.per_image = (PerImageOOD() if exact_per_image
+                          else BinnedPerImageOOD(bits=pooled_bits))
         self.pooled = PooledOOD(bits=pooled_bits)
         self.closed = ConfusionMatrix(k, labels.ignore)
         self.open_set = OpenSetConfusion(k, self.threshold, labels.ignore)
+        # No size filters: SegmentMeIfYouCan's are pixels at its own images' resolution.
+        self.mask_components = ComponentMetrics()
+        self.object_params = objects
+        self.object_components = ComponentMetrics() if objects is not None else None
+        self.boxes = BoxMetrics() if objects is not None else None
         self.frames = 0
         self.pixels = {'anomaly': 0, 'inlier': 0}
         self.label_ids = np.zeros(256, dtype=np.int64)  # pixels per raw label id
@@ -295,8 +329,11 @@ class FrameEvaluator:
             anomaly_score = np.where(seen, anomaly_score, np.float32(0.0))
         scored = raw_labels.reshape(-1) if seen is None else raw_labels[seen]
         self.label_ids += np.bincount(scored, minlength=256)
-        frame = self.per_image.update(anomaly_score, anomaly)
-        self.pooled.update(anomaly_score, anomaly)
+        histogram = self.pooled.update(anomaly_score, anomaly)
+        if isinstance(self.per_image, BinnedPerImageOOD):
+            frame = self.per_image.add(histogram)
+        else:
+            frame = self.per_image.update(anomaly_score, anomaly)
         if self.labels.has_classes:
             self.closed.update(semantic_mask, closed)
             self.open_set.update(semantic_mask, anomaly_score, open_set)
@@ -308,6 +345,46 @@ class FrameEvaluator:
         if frame is not None:
             out.update({key: frame[key] for key in ('ap', 'auroc', 'fpr95')})
         return out, anomaly
+
+    def update_components(self, anomaly_score: np.ndarray, anomaly_target: np.ndarray,
+                          objects: Sequence[AnomalyObject] | None = None,
+                          object_ids: np.ndarray | None = None) -> dict[str, Any]:
+        """Add one frame to the component metrics: the mask ``anomaly_score > threshold`` (NaN =
+        unseen is never anomalous) and, when the replay finds objects, their id map
+        (`find_objects_with_ids`) and boxes, all against `anomaly_target` from `update`.
+        Returns the frame's figures for its record."""
+        mask = self.mask_components.update(np.greater(anomaly_score, self.threshold),
+                                           anomaly_target)
+        out: dict[str, Any] = {'components': {'n_gt': mask['n_gt'], 'n_mask': mask['n_pred']}}
+        if self.object_components is not None and self.boxes is not None \
+                and objects is not None and object_ids is not None:
+            self.object_components.update_instances(object_ids, anomaly_target)
+            boxes = self.boxes.update(objects, anomaly_target)
+            out['boxes'] = {key: boxes[key] for key in ('tp', 'fp', 'fn')}
+        return out
+
+    def _components(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            'threshold': self.threshold,
+            'protocol': 'SegmentMeIfYouCan component metrics (sIoU, PPV, F1 averaged over '
+                        'sIoU/PPV thresholds 0.25..0.75), no size filters (min_pred_area = '
+                        "min_gt_area = 0: the benchmark's filters are pixels at its own "
+                        'resolution), at the camera resolution; labels 1 anomaly, 0 inlier, '
+                        'others ignored. mask: the pixels score > threshold, 8-connected '
+                        "(the benchmark's protocol); objects: the anomaly objects as published "
+                        '(drivable restriction, merge, size and count limits applied); boxes: '
+                        'their boxes against the boxes of the labelled components, matched '
+                        'one-to-one at IoU >= 0.5'}
+        parts: list[tuple[str, Any]] = [('mask', self.mask_components)]
+        if self.object_components is not None:
+            parts += [('objects', self.object_components), ('boxes', self.boxes)]
+            result['params'] = dict(self.object_params or {})
+        for key, metric in parts:
+            try:
+                result[key] = metric.compute()
+            except AnomalySegError as error:
+                result[key] = {'error': str(error)}
+        return result
 
     def compute(self) -> dict[str, Any]:
         labelled = self.pixels['anomaly'] + self.pixels['inlier']
@@ -331,6 +408,7 @@ class FrameEvaluator:
                 result[key] = metric.compute()
             except AnomalySegError as error:  # e.g. no frame with anomalies: say so, go on
                 result[key] = {'error': str(error)}
+        result['components'] = self._components()
         if 'iou' in result['closed']:
             result['closed']['classes'] = self.classes
         if 'ap' in result['pooled']:
@@ -384,6 +462,11 @@ class Replay:
     The pipeline's warnings (e.g. frames of another aspect ratio than the artifact's) are kept,
     each once, in ``warnings`` and the report: the replay takes over ``pipeline.on_warning`` and
     passes each warning on to the callback that was there.
+
+    ``objects``: find each processed frame's anomaly objects with these parameters, whose
+    threshold must be the pipeline's; ``fpr_table`` gives their confidence (see
+    :func:`objects.fpr_table_from_thresholds`; None: the logistic). Each frame's record then
+    holds ``objects`` (`AnomalyObject.to_dict()`, in pixels of the outputs).
     """
 
     def __init__(self, bag: str | Path, pipeline: FramePipeline, *,
@@ -394,11 +477,22 @@ class Replay:
                  on_frame: Callable[[dict[str, Any]], None] | None = None,
                  on_progress: Callable[[int, int | None], None] | None = None,
                  timer: Callable[[], float] = time.perf_counter,
-                 warmup: int = 1, pooled_bits: int = 20) -> None:
+                 warmup: int = 1, pooled_bits: int = 20,
+                 objects: ObjectParams | None = None,
+                 fpr_table: Mapping[float, float] | None = None) -> None:
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise ConfigError(f'--rate must be a positive number (1.0 = real time), got {rate}')
         if max_frames is not None and max_frames < 1:
             raise ConfigError(f'--max-frames must be at least 1, got {max_frames}')
+        if objects is not None and objects.threshold != pipeline.threshold:
+            raise ConfigError(f'the object threshold {objects.threshold} differs from the '
+                              f"pipeline's {pipeline.threshold}; objects are found at the "
+                              "replay's threshold: build ObjectParams with the same one")
+        if objects is not None and any(i >= len(pipeline.classes)
+                                       for i in objects.drivable_ids):
+            raise ConfigError(f'drivable ids {list(objects.drivable_ids)} are not all class ids '
+                              f'of the artifact (0..{len(pipeline.classes) - 1}: '
+                              f'{", ".join(pipeline.classes)})')
         self.bag = Path(bag)
         self.pipeline = pipeline
         self.image_topic, self.label_topic = image_topic, label_topic
@@ -411,6 +505,9 @@ class Replay:
         self.on_progress = on_progress
         self.timer = timer
         self.pooled_bits = pooled_bits
+        self.objects = objects
+        self.fpr_table = None if fpr_table is None else dict(fpr_table)
+        self.object_counts = {'frames': 0, 'total': 0, 'frames_with_objects': 0, 'max': 0}
         self._warmups = max(int(warmup), 0)
         self.warmup_ms: float | None = None
         self.warnings: list[str] = []
@@ -466,7 +563,8 @@ class Replay:
         self.topics = topics = choose_topics(source.topics, self.image_topic, self.label_topic)
         if topics.label is not None and self.label_spec is not None:
             self.evaluator = FrameEvaluator(self.pipeline.classes, self.label_spec,
-                                            self.pipeline.threshold, self.pooled_bits)
+                                            self.pipeline.threshold, self.pooled_bits,
+                                            self.object_settings())
             self.matcher = StampMatcher()
         if self.rate is not None:
             self.schedule = LiveSchedule(self._process, self._done, self._drop)
@@ -475,22 +573,22 @@ class Replay:
             total = min(total, self.max_frames)
         ids = None if self.sinks else {topics.image.id} | (
             {topics.label.id} if self.matcher is not None and topics.label else set())
+        label_id = topics.label.id if topics.label is not None else None
         stream = source.messages(ids)
-        seen_ns = None
+        seen_ns = 0  # bag time of the last message read
         while True:
             past_limit = self.max_frames is not None and self.frames_read >= self.max_frames
-            if past_limit and (self.matcher is None or self.matcher.waiting == 0 or (
-                    seen_ns - self.last_read_ns > self.matcher.window_ns)):
-                break  # no label can still arrive for the frames that wait
+            if past_limit and self._no_label_can_arrive(seen_ns):
+                break
             try:
                 topic, bag_ns, raw = next(stream)
                 seen_ns = bag_ns
                 msg = None
                 wanted = (topic.id == topics.image.id and not past_limit) or (
-                    self.matcher is not None and topic.id == topics.label.id)
+                    self.matcher is not None and topic.id == label_id)
                 if wanted:
                     msg = source.deserialize(raw, topic.msgtype)
-                    stamp = stamp_ns(msg)
+                    stamp = stamp_ns(msg.header)
             except StopIteration:
                 break
             except AnomalySegError as error:
@@ -518,7 +616,8 @@ class Replay:
                 if self.on_progress is not None:
                     self.on_progress(self.frames_read, total)
                 ready = self.matcher.add_image(frame) if self.matcher else [frame]
-            else:
+            else:  # a label: read only when there is a matcher
+                assert self.matcher is not None
                 ready = self.matcher.add_label(stamp, bag_ns, msg)
             for frame in ready:
                 self._arrive(frame)
@@ -526,6 +625,14 @@ class Replay:
         if self.frames_read == 0:
             raise BagError(f'the image topic {topics.image.topic} of bag {self.bag} holds no '
                            'message; record the camera topic or pick another with --image-topic')
+
+    def _no_label_can_arrive(self, seen_ns: int) -> bool:
+        """Past --max-frames: whether the frames that wait for labels can stop waiting (none
+        waits, or the bag has moved on by more than the matching window)."""
+        matcher = self.matcher
+        if matcher is None or matcher.waiting == 0 or self.last_read_ns is None:
+            return True
+        return seen_ns - self.last_read_ns > matcher.window_ns
 
     def _drain(self) -> None:
         """Process the frames still waiting for labels, and the one in the live slot."""
@@ -544,7 +651,7 @@ class Replay:
         if self.first_bag_ns is None:
             self.first_bag_ns = frame.bag_ns
         self.last_bag_ns = frame.bag_ns
-        if self.schedule is None:
+        if self.schedule is None or self.rate is None:  # the schedule exists with a rate only
             duration = self._process(frame)
             self._done(frame, 0, 0, duration)
             return
@@ -561,6 +668,7 @@ class Replay:
         record = frame.record
         record.update({'index': frame.index, 'stamp_ns': frame.stamp_ns,
                        'bag_ns': frame.bag_ns})
+        assert self.topics is not None  # chosen by _run before the first frame
         start = self.timer()
         try:
             if self.topics.image_kind == 'compressed':
@@ -587,51 +695,100 @@ class Replay:
         result = self.pipeline.process(rgb, self.want)
         process_s = decode_s + self.timer() - begin
         frame.msg = None  # the message is no longer needed; keep memory flat
+        timings = dict(result.timings_ms)
+        ids = None
+        if self.objects is not None:
+            begin = self.timer()
+            score = result.anomaly_score
+            assert score is not None  # self.want holds METRIC_OUTPUTS
+            if self.evaluator is not None and frame.label is not None:  # ids: for metrics
+                frame.objects, ids = find_objects_with_ids(
+                    score, result.semantic_mask, self.objects, self.fpr_table)
+            else:
+                frame.objects = find_objects(score, result.semantic_mask, self.objects,
+                                             self.fpr_table)
+            objects_s = self.timer() - begin
+            process_s += objects_s
+            timings['objects'] = objects_s * 1e3
+            self._count_objects(frame.objects)
+            record['objects'] = [obj.to_dict() for obj in frame.objects]
         self._stage('decode', decode_s * 1e3)
-        for stage, ms in result.timings_ms.items():
+        for stage, ms in timings.items():
             self._stage(stage, ms)
         self._stage('process', process_s * 1e3)
         record.update({'status': 'processed',
                        'process_ms': process_s * 1e3,
-                       'timings_ms': {k: round(v, 3) for k, v in result.timings_ms.items()}})
+                       'timings_ms': {k: round(v, 3) for k, v in timings.items()}})
         self.processed += 1
-        self._evaluate(frame, rgb.shape[:2], result)
+        self._evaluate(frame, rgb.shape[:2], result, ids)
         frame.image = rgb
         for sink in self.sinks:
             sink.on_result(frame, result)
-        frame.image = frame.anomaly_target = None
+        frame.image = frame.anomaly_target = frame.objects = None
         self._sample_memory()
         return int(round(process_s * 1e9))
 
-    def _evaluate(self, frame: Frame, size: tuple[int, int], result: FrameResult) -> None:
+    def object_settings(self) -> dict[str, Any] | None:
+        """The object parameters as reported (None without objects): ObjectParams' fields, the
+        class names of the drivable ids and how the confidence is computed."""
+        if self.objects is None:
+            return None
+        settings: dict[str, Any] = dataclasses.asdict(self.objects)
+        settings['drivable_ids'] = list(self.objects.drivable_ids)
+        settings['drivable_classes'] = [self.pipeline.classes[i]
+                                        for i in self.objects.drivable_ids]
+        settings['confidence'] = (
+            'logistic of (max score - threshold) / confidence_scale' if self.fpr_table is None
+            else "1 - false-alarm rate of the max score, interpolated in the sidecar's fpr "
+                 'thresholds')
+        settings['fpr_table'] = (None if self.fpr_table is None
+                                 else [[k, v] for k, v in sorted(self.fpr_table.items())])
+        return settings
+
+    def _count_objects(self, objects: Sequence[AnomalyObject]) -> None:
+        counts = self.object_counts
+        counts['frames'] += 1
+        counts['total'] += len(objects)
+        counts['frames_with_objects'] += int(bool(objects))
+        counts['max'] = max(counts['max'], len(objects))
+
+    def _evaluate(self, frame: Frame, size: tuple[int, int], result: FrameResult,
+                  object_ids: np.ndarray | None = None) -> None:
         if self.evaluator is None:
             return
         if frame.label is None:
             self.without_label += 1
             return
+        # The evaluator exists only for a bag with a label topic; self.want holds
+        # METRIC_OUTPUTS.
+        assert self.topics is not None and self.topics.label is not None
+        label_topic, image_topic = self.topics.label.topic, self.topics.image.topic
+        semantic, score = result.semantic_mask, result.anomaly_score
+        assert semantic is not None and score is not None
         try:
             raw = decode_image(frame.label, 'native')
         except ImageDecodeError as error:
-            raise BagError(f'label frame at stamp {frame.stamp_ns} on {self.topics.label.topic} '
+            raise BagError(f'label frame at stamp {frame.stamp_ns} on {label_topic} '
                            f'cannot be decoded: {error}') from None
         frame.label = None
         if raw.ndim != 2 or raw.dtype != np.uint8:
             raise BagError(
-                f'label frame at stamp {frame.stamp_ns} on {self.topics.label.topic} is '
+                f'label frame at stamp {frame.stamp_ns} on {label_topic} is '
                 f'{raw.dtype} with shape {raw.shape}; expected mono8 (8UC1) class ids, one '
                 'channel')
         if raw.shape != tuple(size):
             raise BagError(
-                f'label frame at stamp {frame.stamp_ns} on {self.topics.label.topic} is '
-                f'{raw.shape[0]}x{raw.shape[1]} but its image on {self.topics.image.topic} is '
+                f'label frame at stamp {frame.stamp_ns} on {label_topic} is '
+                f'{raw.shape[0]}x{raw.shape[1]} but its image on {image_topic} is '
                 f'{size[0]}x{size[1]}; labels must have the camera resolution (record them at '
                 'the image size or pass the matching --label-topic)')
         self.with_label += 1
         seen = self.pipeline.seen_mask(size)  # None: the model saw every pixel
         if seen is not None:
             self.unseen_pixels += seen.size - int(np.count_nonzero(seen))
-        figures, frame.anomaly_target = self.evaluator.update(
-            result.semantic_mask, result.anomaly_score, raw, seen)
+        figures, frame.anomaly_target = self.evaluator.update(semantic, score, raw, seen)
+        figures.update(self.evaluator.update_components(
+            score, frame.anomaly_target, frame.objects, object_ids))
         frame.record.update(figures)
 
     def _done(self, frame: Frame, arrival: int, start: int, finish: int) -> None:
@@ -711,11 +868,17 @@ class Replay:
         report['latency_ms'] = latency
         report['warmup_ms'] = self.warmup_ms
         if self.schedule is not None:
-            report['live'] = self._live_figures(rate_hz)
+            report['live'] = self._live_figures(self.schedule, rate_hz)
         memory = dict(self.memory)
-        if 'end_mb' in memory and 'after_first_frame_mb' in memory:
-            memory['growth_mb'] = memory['end_mb'] - memory['after_first_frame_mb']
+        end_mb, first_mb = memory.get('end_mb'), memory.get('after_first_frame_mb')
+        if end_mb is not None and first_mb is not None:
+            memory['growth_mb'] = end_mb - first_mb
         report['memory'] = memory
+        if self.objects is not None:
+            counts = self.object_counts
+            report['objects'] = {
+                **counts, 'per_frame': counts['total'] / counts['frames'] if counts['frames']
+                else None, 'params': self.object_settings()}
         if self.evaluator is not None:
             report['metrics'] = self.evaluator.compute()
             report['metrics']['unseen_pixels'] = self.unseen_pixels
@@ -727,14 +890,15 @@ class Replay:
         report['seconds'] = self.seconds or (self.timer() - self.started)
         return report
 
-    def _live_figures(self, rate_hz: float | None) -> dict[str, Any]:
+    def _live_figures(self, schedule: LiveSchedule, rate_hz: float | None) -> dict[str, Any]:
         process = self.stages.get('process')
-        arrived = self.schedule.arrived
-        figures: dict[str, Any] = {'arrived': arrived, 'processed': self.schedule.processed,
+        arrived = schedule.arrived
+        figures: dict[str, Any] = {'arrived': arrived, 'processed': schedule.processed,
                                    'dropped': self.dropped}
         figures['drop_ratio'] = self.dropped / arrived if arrived else None
         if process is None or process.count == 0 or arrived < 2:
             return figures
+        assert self.first_arrival_ns is not None and self.last_arrival_ns is not None
         span_s = (self.last_arrival_ns - self.first_arrival_ns) / 1e9
         input_hz = (arrived - 1) / span_s if span_s > 0 else None
         mean_s = process.total / process.count / 1e3

@@ -3,9 +3,10 @@
 Writes into --out: `metrics.json` (machine-readable) and `summary.md` (for people) first, as
 soon as the pass over the bag ends, then, when asked, `overlay.mp4` and the rosbag2
 `output_bag/` (the input's topics plus the node's outputs), and finally the two reports again
-with the outputs listed. `frames.jsonl` holds one line per camera frame, written as it goes.
-A broken bag, a missing topic or labels of another size stop the replay with a message, after
-the results computed so far are written.
+with the outputs listed. `frames.jsonl` holds one line per camera frame, written as it goes,
+with the frame's anomaly objects (`objects.find_objects` at the replay's threshold, --objects-*
+options). A broken bag, a missing topic or labels of another size stop the replay with a
+message, after the results computed so far are written.
 
 Heavy modules (OpenCV, rosbags, onnxruntime, torch) are imported inside `run`.
 """
@@ -23,6 +24,10 @@ from anomaly_seg_node.labels import LABEL_CONVENTIONS
 LABEL_KINDS = tuple(LABEL_CONVENTIONS)
 # anomaly_seg_node.imaging.RESIZE_MODES; repeated so that --help imports no OpenCV.
 RESIZE_MODES = ('letterbox', 'crop_center', 'stretch')
+# Anomaly objects (objects.ObjectParams), in pixels of the outputs (the camera frame). min_area:
+# SegmentMeIfYouCan's smallest predicted component on its obstacle track; max: objects.
+# DEFAULT_MAX_OBJECTS (repeated: --help imports no OpenCV).
+OBJECT_DEFAULTS = {'margin': 16, 'merge': 4, 'min_area': 50, 'max': 32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +82,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'map with the labelled anomalies outlined')
     parser.add_argument('--max-frames', type=int, default=None,
                         help='stop after this many camera frames')
+    parser.add_argument('--objects-drivable', default='', metavar='CLASSES',
+                        help='anomaly objects only on (and --objects-margin around) these '
+                             'comma-separated classes of the artifact, e.g. road (default: '
+                             'none, no restriction)')
+    parser.add_argument('--objects-margin', type=int, default=OBJECT_DEFAULTS['margin'],
+                        metavar='PX',
+                        help='pixels the drivable area is grown by, to keep the parts of an '
+                             'object standing on it (default: %(default)s)')
+    parser.add_argument('--objects-merge', type=int, default=OBJECT_DEFAULTS['merge'],
+                        metavar='PX',
+                        help='anomaly fragments at most this many pixels apart form one object '
+                             '(0: 8-connected components only; default: %(default)s)')
+    parser.add_argument('--objects-min-area', type=int, default=OBJECT_DEFAULTS['min_area'],
+                        metavar='PX',
+                        help='smallest object in pixels (default: %(default)s)')
+    parser.add_argument('--objects-max', type=int, default=OBJECT_DEFAULTS['max'], metavar='N',
+                        help='most objects per frame, the largest first (default: %(default)s)')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
@@ -86,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from anomaly_seg_node import backends
     from anomaly_seg_node.artifact import read_sidecar, resolve_threshold
     from anomaly_seg_node.errors import BagError
+    from anomaly_seg_node.objects import fpr_table_from_thresholds
     from anomaly_seg_node.pipeline import FramePipeline
     from anomaly_seg_node.replay import Replay
     from anomaly_seg_node.replay_outputs import BagSink, ContactSheetSink, VideoSink
@@ -93,6 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sidecar = read_sidecar(args.artifact)
     threshold, threshold_source = _threshold(sidecar, args.threshold, resolve_threshold)
     labels = _label_spec(args.labels, sidecar.classes)
+    objects = object_params(args, sidecar.classes, threshold)
+    fpr_table = fpr_table_from_thresholds(sidecar.thresholds)
     out = args.out if args.out is not None else Path(f'replay_{Path(args.bag).name}')
     out.mkdir(parents=True, exist_ok=True)
     segmenter = backends.load(sidecar, args.backend, args.device, args.precision)
@@ -123,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'precision': getattr(segmenter, 'precision', args.precision),
         'backend_reason': getattr(segmenter, 'reason', ''),
         'threshold': threshold, 'threshold_source': threshold_source,
+        'threshold_name': _threshold_name(sidecar, args.threshold),
         'resize_mode': resize_mode, 'pad_rgb': list(sidecar.pad_rgb),
     }
     bar = tqdm(desc='replay', unit='frame', disable=args.no_progress)
@@ -141,7 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replay = Replay(args.bag, pipeline, image_topic=args.image_topic,
                         label_topic=args.label_topic, labels=labels, rate=args.rate,
                         max_frames=args.max_frames, want=want, sinks=list(sinks.values()),
-                        on_frame=on_frame, on_progress=progress)
+                        on_frame=on_frame, on_progress=progress, objects=objects,
+                        fpr_table=fpr_table)
         try:
             replay.run()
         except BagError as caught:
@@ -156,6 +183,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if error is not None:
         raise BagError(f'{error} (partial results written to {out / "metrics.json"})')
     return summary(report, out)
+
+
+def object_params(args: argparse.Namespace, classes: Any, threshold: float) -> Any:
+    """The replay's ObjectParams from the --objects-* options (class names -> label ids)."""
+    from anomaly_seg_node.errors import ConfigError
+    from anomaly_seg_node.objects import ObjectParams
+
+    classes = list(classes)
+    names = [n.strip() for n in str(getattr(args, 'objects_drivable', '') or '').split(',')
+             if n.strip()]
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise ConfigError(f'--objects-drivable names {unknown}, which are not classes of the '
+                          f'artifact; choose among {", ".join(classes)}')
+
+    def option(name: str) -> Any:
+        return getattr(args, f'objects_{name}', OBJECT_DEFAULTS[name])
+
+    for name, low in (('margin', 0), ('merge', 0), ('min_area', 1), ('max', 1)):
+        value = option(name)
+        if value < low:
+            raise ConfigError(f'--objects-{name.replace("_", "-")} must be >= {low}, got {value}')
+    return ObjectParams(threshold=threshold,
+                        drivable_ids=tuple(classes.index(n) for n in names),
+                        drivable_margin=option('margin'), merge_distance=option('merge'),
+                        min_area_px=option('min_area'), max_objects=option('max'))
+
+
+def _threshold_name(sidecar: Any, value: str | None) -> str | None:
+    """The sidecar name of the replay's threshold (None for a number or no threshold)."""
+    name = value if value is not None else sidecar.default_threshold
+    return name if isinstance(name, str) and name in sidecar.thresholds else None
 
 
 def _threshold(sidecar: Any, value: str | None, resolve: Any) -> tuple[float, str]:
@@ -205,12 +264,38 @@ def summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
                     headline[f'{section}.{key}'] = block[key]
         if metrics.get('anomaly_pixel_share') is not None:
             headline['anomaly_pixel_share'] = metrics['anomaly_pixel_share']
+        headline.update(component_headline(metrics.get('components', {})))
         result['metrics'] = headline
+    if 'objects' in report:
+        objects = report['objects']
+        result['objects'] = {'per_frame': objects['per_frame'], 'max': objects['max'],
+                             'frames_with_objects': objects['frames_with_objects']}
     if 'growth_mb' in report.get('memory', {}):
         result['memory_growth_mb'] = report['memory']['growth_mb']
     if report.get('warnings'):
         result['warnings'] = list(report['warnings'])
     return result
+
+
+COMPONENT_HEADLINE = (('mask', ('siou', 'ppv', 'f1_mean')),
+                      ('objects', ('siou', 'ppv', 'f1_mean')),
+                      ('boxes', ('recall', 'precision', 'objects_per_frame')))
+
+
+def component_headline(components: dict[str, Any]) -> dict[str, Any]:
+    """'components.mask.siou' etc.: the component figures of the printed summary."""
+    headline: dict[str, Any] = {}
+    if not components:
+        return headline
+    headline['components.threshold'] = components.get('threshold')
+    for part, keys in COMPONENT_HEADLINE:
+        block = components.get(part, {})
+        if 'error' in block:
+            headline[f'components.{part}'] = block['error']
+        for key in keys:
+            if key in block:
+                headline[f'components.{part}.{key}'] = block[key]
+    return headline
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:
@@ -278,6 +363,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ['', f'- closed mIoU: {_fmt(closed.get("miou", closed.get("error")))}',
                   f'- open-mIoU: {_fmt(open_set.get("open_miou", open_set.get("error")))} '
                   f'(threshold {_fmt(metrics.get("threshold"))})', '']
+        lines += _component_lines(metrics.get('components', {}))
+    if 'objects' in report:
+        lines += _object_lines(report['objects'])
     if report.get('outputs'):
         lines += ['## Outputs', '']
         for name, info in report['outputs'].items():
@@ -286,6 +374,54 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f'- {name}: `{where}`{error}')
         lines.append('')
     return '\n'.join(lines)
+
+
+def _component_lines(components: dict[str, Any]) -> list[str]:
+    if not components:
+        return []
+    lines = [f'### Components at the threshold {_fmt(components.get("threshold"))}', '',
+             '| what | sIoU | PPV | mean F1 | F1 at 0.5 | labelled components | predicted |',
+             '|---|---|---|---|---|---|---|']
+    names = {'mask': 'mask: score > threshold (SegmentMeIfYouCan)',
+             'objects': 'anomaly objects (as published)'}
+    for part, name in names.items():
+        block = components.get(part)
+        if block is None:
+            continue
+        if 'error' in block:
+            lines.append(f'| {name} | {block["error"]} | | | | | |')
+            continue
+        lines.append(f'| {name} | ' + ' | '.join(
+            _fmt(block.get(k)) for k in ('siou', 'ppv', 'f1_mean', 'f1_50', 'n_gt', 'n_pred'))
+            + ' |')
+    boxes = components.get('boxes')
+    if boxes is not None:
+        if 'error' in boxes:
+            lines += ['', f'- object boxes: {boxes["error"]}']
+        else:
+            lines += ['', f'- object boxes at IoU >= {_fmt(boxes.get("iou_threshold"))}: recall '
+                          f'{_fmt(boxes.get("recall"))}, precision {_fmt(boxes.get("precision"))}'
+                          f' ({boxes.get("tp")} matched, {boxes.get("fp")} false, '
+                          f'{boxes.get("fn")} missed of {boxes.get("n_gt")} labelled), '
+                          f'{_fmt(boxes.get("objects_per_frame"))} objects and '
+                          f'{_fmt(boxes.get("false_positives_per_frame"))} false ones per '
+                          'frame']
+    lines += ['', f'{components.get("protocol", "")}', '']
+    return lines
+
+
+def _object_lines(objects: dict[str, Any]) -> list[str]:
+    params = objects.get('params') or {}
+    drivable = (f'{", ".join(params["drivable_classes"])} (margin {params["drivable_margin"]} px)'
+                if params.get('drivable_classes') else 'none (no restriction)')
+    return ['## Anomaly objects', '',
+            f'- {objects["total"]} objects in {objects["frames"]} frames: '
+            f'{_fmt(objects.get("per_frame"))} per frame, at most {objects["max"]}; '
+            f'{objects["frames_with_objects"]} frames with objects',
+            f'- threshold {_fmt(params.get("threshold"))}; drivable classes: {drivable}; '
+            f'fragments within {params.get("merge_distance")} px merged; at least '
+            f'{params.get("min_area_px")} px; at most {params.get("max_objects")} per frame',
+            f'- confidence: {params.get("confidence")}', '']
 
 
 def _fmt(value: Any) -> str:

@@ -1,7 +1,9 @@
 """What the replay writes besides its report: the overlay video, a contact sheet, an output bag.
 
 ROS-free and torch-free sinks of :class:`anomaly_seg_node.replay.Replay`; neither ever stops
-the replay (a write failure is recorded and stops that output only).
+the replay (a write failure is recorded and stops that output only). When the replay finds
+anomaly objects, the video and the contact sheet draw their boxes (`objects.draw_objects`) and
+the bag holds them as vision_msgs/msg/Detection2DArray.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from anomaly_seg_node.artifact import atomic_write_bytes
 from anomaly_seg_node.bag_reader import BagSource, Topic
 from anomaly_seg_node.errors import BagError
 from anomaly_seg_node.image_codec import encode_image, to_message
+from anomaly_seg_node.objects import AnomalyObject, draw_objects
 from anomaly_seg_node.pipeline import FrameResult
 
 if TYPE_CHECKING:
@@ -35,8 +38,9 @@ class VideoSink:
 
     Frames go to a hidden partial file that ``close()`` moves into place. The frame rate is the
     bag-time rate of the processed frames (so a live replay with drops plays in real time too),
-    measured between the first two of them, unless ``fps`` is given. A writer failure is
-    recorded in ``info()`` and stops the video; it never stops the replay.
+    measured between the first two of them, unless ``fps`` is given. The frame's anomaly
+    objects, when found, are drawn as boxes with their confidence. A writer failure is recorded
+    in ``info()`` and stops the video; it never stops the replay.
     """
 
     def __init__(self, path: str | Path, fps: float | None = None) -> None:
@@ -54,12 +58,16 @@ class VideoSink:
     def on_result(self, frame: Frame, result: FrameResult) -> None:
         if self.error is not None or result.overlay is None:
             return
-        bgr = cv2.cvtColor(result.overlay, cv2.COLOR_RGB2BGR)
+        overlay = result.overlay
+        if frame.objects:  # on a copy: the overlay is also an output (the bag's)
+            overlay = draw_objects(overlay.copy(), frame.objects,
+                                   source_hw=_map_hw(result, overlay))
+        bgr = cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
         if self._writer is None:
-            if self._held is None and self.fps is None:
-                self._held = (frame.bag_ns, bgr)
-                return
             if self.fps is None:
+                if self._held is None:
+                    self._held = (frame.bag_ns, bgr)
+                    return
                 gap = (frame.bag_ns - self._held[0]) / 1e9
                 self.fps = 1.0 / gap if gap > 0 else 10.0
             self._open(bgr.shape[1], bgr.shape[0])
@@ -71,7 +79,7 @@ class VideoSink:
     def _open(self, width: int, height: int) -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.fps = float(min(max(self.fps or 10.0, 0.1), 240.0))
-        writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*'mp4v'), self.fps,
+        writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter.fourcc(*'mp4v'), self.fps,
                                  (width, height))
         if not writer.isOpened():
             self.error = (f'OpenCV could not open an mp4v video writer for {self.partial}; this '
@@ -110,8 +118,9 @@ class VideoSink:
 
 class ContactSheetSink:
     """A PNG of evenly spaced processed frames, one row each: the camera image | the overlay
-    (semantic colours, predicted anomalies in the anomaly colour) | the anomaly score as a heat
-    map with the labelled anomalies outlined in white (when the bag has labels).
+    (semantic colours, predicted anomalies in the anomaly colour, the anomaly objects' boxes when
+    the replay finds them) | the anomaly score as a heat map with the labelled anomalies outlined
+    in white (when the bag has labels).
 
     Memory stays bounded on any bag length: every ``stride``-th frame is kept and, when
     2 x ``rows`` are held, every other one is dropped and the stride doubled. The heat maps of
@@ -144,9 +153,13 @@ class ContactSheetSink:
         if target is not None:
             outline = cv2.resize((target == 1).astype(np.uint8), size,
                                  interpolation=cv2.INTER_NEAREST)
+        overlay = cv2.resize(result.overlay, size, interpolation=cv2.INTER_AREA)
+        if frame.objects:  # drawn at the tile size: lines stay visible
+            draw_objects(overlay, frame.objects, thickness=1,
+                         source_hw=_map_hw(result, result.overlay))
         self._kept.append((frame.index, cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-                           cv2.resize(result.overlay, size, interpolation=cv2.INTER_AREA),
-                           cv2.resize(score, size, interpolation=cv2.INTER_AREA), outline))
+                           overlay, cv2.resize(score, size, interpolation=cv2.INTER_AREA),
+                           outline))
         if len(self._kept) >= 2 * self.rows:
             self._kept = self._kept[::2]
             self._stride *= 2
@@ -185,12 +198,12 @@ class ContactSheetSink:
         cv2.putText(image, f'frame {index}', (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (255, 255, 255), 1, cv2.LINE_AA)
         gap = np.zeros((image.shape[0], 4, 3), np.uint8)
-        row = np.concatenate([image, gap, overlay, gap, heat], axis=1)
-        return np.concatenate([row, np.zeros((4, row.shape[1], 3), np.uint8)])
+        strip = np.concatenate([image, gap, overlay, gap, heat], axis=1)
+        return np.concatenate([strip, np.zeros((4, strip.shape[1], 3), np.uint8)])
 
     def _header(self, width: int) -> np.ndarray:
         header = np.zeros((24, width, 3), np.uint8)
-        titles = ('camera', 'semantic colours + anomaly mask',
+        titles = ('camera', 'semantic colours, anomaly mask, objects',
                   'anomaly score (white: labelled anomaly)')
         for i, title in enumerate(titles):
             cv2.putText(header, title, (6 + i * (self.tile_width + 4), 16),
@@ -198,14 +211,81 @@ class ContactSheetSink:
         return header
 
 
+# vision_msgs 4.1 (ROS 2 Humble and Jazzy; ros-perception/vision_msgs, tag 4.1.1,
+# vision_msgs/msg/*.msg, comments dropped): rosbags' typestores lack the package.
+VISION_MSGS = {
+    'vision_msgs/msg/Point2D': 'float64 x\nfloat64 y\n',
+    'vision_msgs/msg/Pose2D': 'vision_msgs/Point2D position\nfloat64 theta\n',
+    'vision_msgs/msg/BoundingBox2D': 'vision_msgs/Pose2D center\nfloat64 size_x\nfloat64 size_y\n',
+    'vision_msgs/msg/ObjectHypothesis': 'string class_id\nfloat64 score\n',
+    'vision_msgs/msg/ObjectHypothesisWithPose': 'ObjectHypothesis hypothesis\n'
+                                                'geometry_msgs/PoseWithCovariance pose\n',
+    'vision_msgs/msg/Detection2D': 'std_msgs/Header header\nObjectHypothesisWithPose[] results\n'
+                                   'BoundingBox2D bbox\nstring id\n',
+    'vision_msgs/msg/Detection2DArray': 'std_msgs/Header header\nDetection2D[] detections\n',
+}
+DETECTIONS_TYPE = 'vision_msgs/msg/Detection2DArray'
+OBJECTS_TOPIC = 'anomaly_objects'
+OBJECT_CLASS_ID = 'anomaly'
+
+
+def register_vision_msgs(typestore: Any) -> None:
+    """Add the vision_msgs types of `VISION_MSGS` to a rosbags typestore lacking them."""
+    from rosbags.typesys import get_types_from_msg
+
+    if DETECTIONS_TYPE in typestore.types:
+        return
+    types: dict[str, Any] = {}
+    for name, text in VISION_MSGS.items():
+        types.update(get_types_from_msg(text, name))
+    typestore.register(types)
+
+
+def detection_array(types: Any, header: Any, objects: list[AnomalyObject],
+                    scale_xy: tuple[float, float] = (1.0, 1.0)) -> Any:
+    """A vision_msgs/msg/Detection2DArray of anomaly objects (rosbags message classes `types`).
+
+    One Detection2D per object, with the frame's header: a single hypothesis ``class_id``
+    'anomaly' whose score is the object's confidence, no pose (identity, zero covariance), an
+    axis-aligned box (theta 0) whose centre and size are in pixels of the input image: the box
+    covers [x, x + width) x [y, y + height) of the map the objects were found on, times
+    ``scale_xy`` (input pixels per map pixel), so centre = x + width / 2. ``id`` stays empty:
+    objects are not tracked across frames.
+    """
+    sx, sy = scale_xy
+    pose = types['geometry_msgs/msg/PoseWithCovariance'](
+        pose=types['geometry_msgs/msg/Pose'](
+            position=types['geometry_msgs/msg/Point'](x=0.0, y=0.0, z=0.0),
+            orientation=types['geometry_msgs/msg/Quaternion'](x=0.0, y=0.0, z=0.0, w=1.0)),
+        covariance=np.zeros(36, dtype=np.float64))
+    detections = []
+    for index, obj in enumerate(objects):
+        hypothesis = types['vision_msgs/msg/ObjectHypothesisWithPose'](
+            hypothesis=types['vision_msgs/msg/ObjectHypothesis'](
+                class_id=OBJECT_CLASS_ID, score=float(obj.confidence)),
+            pose=pose)
+        centre = types['vision_msgs/msg/Pose2D'](
+            position=types['vision_msgs/msg/Point2D'](x=(obj.x + obj.width / 2.0) * sx,
+                                                      y=(obj.y + obj.height / 2.0) * sy),
+            theta=0.0)
+        bbox = types['vision_msgs/msg/BoundingBox2D'](center=centre, size_x=obj.width * sx,
+                                                      size_y=obj.height * sy)
+        detections.append(types['vision_msgs/msg/Detection2D'](
+            header=header, results=[hypothesis], bbox=bbox, id=str(index)))
+    return types[DETECTIONS_TYPE](header=header, detections=detections)
+
+
 class BagSink:
     """A rosbag2 with the input's messages and the node's outputs of every processed frame.
 
     Outputs go to ``{namespace}/{output}`` (sensor_msgs/Image: semantic_mask and anomaly_mask
     mono8, anomaly_score 32FC1, semantic_color and overlay rgb8), with the input image's header
-    and bag time. The input topics of a rosbag2 are copied byte for byte; those of a ROS 1 bag
-    are not (their messages are not ROS 2 messages). The bag is written beside its final place
-    and moved there by ``close()``; a write failure is recorded and stops the bag only.
+    and bag time; when the replay finds anomaly objects, each processed frame also gets a
+    vision_msgs/msg/Detection2DArray on ``{namespace}/anomaly_objects`` (`detection_array`;
+    empty when the frame has none). The input topics of a rosbag2 are copied byte for byte;
+    those of a ROS 1 bag are not (their messages are not ROS 2 messages). The bag is written
+    beside its final place and moved there by ``close()``; a write failure is recorded and
+    stops the bag only.
     """
 
     def __init__(self, path: str | Path, namespace: str = '/anomaly_seg',
@@ -235,6 +315,7 @@ class BagSink:
             shutil.rmtree(self.partial)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._ts = get_typestore(Stores.ROS2_HUMBLE)
+        register_vision_msgs(self._ts)
         self._writer = Writer(self.partial, version=8, storage_plugin=self.plugin)
         self._writer.open()
 
@@ -280,17 +361,25 @@ class BagSink:
                 array = getattr(result, name)
                 if array is None:
                     continue
-                msg = to_message(encode_image(array, encoding, header), image_cls)
-                topic = f'{self.namespace}/{name}'
-                conn = self._outputs.get(topic)
-                if conn is None:
-                    conn = self._writer.add_connection(topic, image_cls.__msgtype__,
-                                                       typestore=ts)
-                    self._outputs[topic] = conn
-                self._writer.write(conn, frame.bag_ns, ts.serialize_cdr(msg, msg.__msgtype__))
-                self.counts[topic] = self.counts.get(topic, 0) + 1
+                self._put(f'{self.namespace}/{name}', frame.bag_ns,
+                          to_message(encode_image(array, encoding, header), image_cls))
+            if frame.objects is not None:
+                scale = (1.0, 1.0)
+                if frame.image is not None:
+                    map_h, map_w = _map_hw(result, frame.image)
+                    scale = (frame.image.shape[1] / map_w, frame.image.shape[0] / map_h)
+                self._put(f'{self.namespace}/{OBJECTS_TOPIC}', frame.bag_ns,
+                          detection_array(types, header, frame.objects, scale))
 
         self._guard(write)
+
+    def _put(self, topic: str, bag_ns: int, msg: Any) -> None:
+        conn = self._outputs.get(topic)
+        if conn is None:
+            conn = self._writer.add_connection(topic, msg.__msgtype__, typestore=self._ts)
+            self._outputs[topic] = conn
+        self._writer.write(conn, bag_ns, self._ts.serialize_cdr(msg, msg.__msgtype__))
+        self.counts[topic] = self.counts.get(topic, 0) + 1
 
     def close(self) -> dict[str, Any]:
         if self._writer is not None:
@@ -309,3 +398,9 @@ class BagSink:
         return {'path': str(self.path) if written else None, 'storage': self.storage,
                 'output_topics': sorted(self._outputs), 'messages': dict(self.counts),
                 'inputs_copied': self.inputs_copied, 'error': self.error}
+
+
+def _map_hw(result: FrameResult, fallback: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the maps the objects were found on: the outputs' size."""
+    shape = result.anomaly_score.shape if result.anomaly_score is not None else fallback.shape
+    return int(shape[0]), int(shape[1])

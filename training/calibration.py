@@ -14,7 +14,10 @@
 The runtime flags `score > threshold`. Images are fitted to the artifact's size first as the
 node fits camera frames (`anomaly_seg_node.imaging`, letterbox; labels nearest, bars ignored),
 because the graph only runs there.
-Every score is computed from one forward pass of the segmenter per image.
+Every score is computed from one forward pass of the segmenter per image; `score_maps` may
+also be a graph in ONNX Runtime (training.quantize.OnnxScoreMaps), which is how an int8
+artifact gets thresholds of its own scores on the same pixels. On request the scored frames
+are kept (`frames`): the int8 export calibrates its activations on them.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,6 +56,9 @@ class Calibration:
     info: dict[str, Any] = field(default_factory=dict)
     # A few calibration images at the artifact size, uint8 [M, H, W, 3], for the parity check.
     parity_images: np.ndarray | None = None
+    # The frames kept for int8 calibration (`calibrate_on_data(frames=...)`), uint8
+    # [M, H, W, 3] at the artifact size, as the graph saw them; None when none were asked for.
+    frames: np.ndarray | None = None
 
 
 class ScoreMaps:
@@ -108,7 +114,8 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                       ade_root: str | Path | None = None, ade_crop: int = 384,
                       labelled_root: str | Path | None = None, max_images: int = 50,
                       parity_images: int = 2, seed: int = 0,
-                      pad_rgb: Sequence[int] = (0, 0, 0), progress: bool = True) -> Calibration:
+                      pad_rgb: Sequence[int] = (0, 0, 0), progress: bool = True,
+                      frames: int = 0) -> Calibration:
     """tpr95 on labelled anomalies (pasted negatives on val, or a labelled set), fpr1/fpr0.1
     on normal pixels; the default threshold is fpr1.
 
@@ -118,22 +125,32 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
     else the test split's inliers, fpr). Without it, `val_root`'s validation split (of
     `dataset`) gives both, with negatives from `ade_root` pasted for tpr95. Images are fitted
     to the artifact size as the node fits camera frames (letterbox bars in `pad_rgb`).
+    `frames`: keep that many of the frames scored for tpr95 (the labelled frames, or the
+    validation frames with a negative pasted), evenly spread over them, in `Calibration.frames`.
     """
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise ConfigError(f'the number of calibration images must be a positive integer, '
                           f'got {max_images!r}')
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+        raise ConfigError(f'the number of frames to keep must be an integer >= 0, got '
+                          f'{frames!r}')
     tpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
     fpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
     info: dict[str, Any] = {'size': list(size), 'max_images': max_images,
                             'resize_mode': 'letterbox'}
     kept: list[np.ndarray] = []
+    kept_frames: list[np.ndarray] = []
     fit = _Fitter(size, tuple(pad_rgb))
 
     if labelled_root is not None:
         test, fpr_split, what = _labelled_sets(labelled_root, mapping)
         info['data'] = what
         info['tpr95'] = f'anomaly pixels of {what}'
-        for image, ood in _items(test, fit, 'ood', max_images, progress, 'tpr95'):
+        spread = _spread(min(len(test), max_images), frames)
+        for index, (image, ood) in enumerate(
+                _items(test, fit, 'ood', max_images, progress, 'tpr95')):
+            if index in spread:
+                kept_frames.append(image)
             maps = score_maps(image)
             for s, score in maps.items():
                 tpr_pools[s].update(score, ood)
@@ -160,12 +177,15 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                          f'into the validation split of {val_root}')
         info['fpr'] = f'inlier pixels of the validation split of {val_root}'
         rng = torch.Generator().manual_seed(seed)
+        spread = _spread(min(len(val), max_images), frames)
         for index, (image, labels) in enumerate(
                 _items(val, fit, 'label', max_images, progress, 'calibration')):
             inlier = np.where(labels != IGNORE_ID, _INLIER, _IGNORED).astype(np.uint8)
             for s, score in score_maps(image).items():
                 fpr_pools[s].update(score, inlier)
             pasted_image, ood = _paste(image, labels, negatives, index, rng)
+            if index in spread:
+                kept_frames.append(pasted_image)
             for s, score in score_maps(pasted_image).items():
                 tpr_pools[s].update(score, ood)
             _keep(kept, image, parity_images)
@@ -187,7 +207,15 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                        'whatever it takes to catch 95% of the calibration anomalies')
     info['source'] = 'labelled split' if labelled_root is not None else 'pasted negatives'
     parity = np.stack(kept) if kept else None
-    return Calibration(thresholds, DEFAULT_THRESHOLD if thresholds else None, info, parity)
+    return Calibration(thresholds, DEFAULT_THRESHOLD if thresholds else None, info, parity,
+                       np.stack(kept_frames) if kept_frames else None)
+
+
+def _spread(count: int, wanted: int) -> set[int]:
+    """`wanted` indices of `count`, evenly spread (all of them when count <= wanted)."""
+    if wanted <= 0 or count <= 0:
+        return set()
+    return {int(i) for i in np.linspace(0, count - 1, min(count, wanted)).round()}
 
 
 class _Fitter:

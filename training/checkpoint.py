@@ -13,7 +13,8 @@ A checkpoint is one `torch.save` file holding only tensors and plain containers:
     world_size        processes that wrote it (resume restores the RNG of each rank).
 
 `save_checkpoint` writes a temporary file in the same folder, fsyncs it and renames it over the
-target (os.replace), so a crash while writing leaves the previous file intact. `load_checkpoint`
+target (os.replace), so a crash while writing leaves the previous file intact (and a temporary
+file, which `remove_stale_temp_files` deletes when a run starts or resumes). `load_checkpoint`
 refuses anything that is not such a file with a message naming the problem and the fix;
 `build_segmenter` / `build_flow` rebuild the networks from it (export and evaluation use them).
 """
@@ -37,6 +38,8 @@ FORMAT = 'anomaly_seg.checkpoint'
 VERSION = 1
 STEP_NAME = re.compile(r'^step_(\d+)\.pt$')
 FINAL_NAME = 'final.pt'
+# save_checkpoint's temporary file: `.NAME.tmp-PID`, PID of the writing process.
+TEMP_NAME = re.compile(r'^\.(.+)\.tmp-(\d+)$')
 
 
 def step_path(folder: str | os.PathLike, step: int) -> Path:
@@ -48,7 +51,7 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write `obj` to `path` atomically: temp file in the same folder, fsync, os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp = temp_path(path)
     try:
         with open(tmp, 'wb') as f:
             torch.save(dict(obj), f)
@@ -60,6 +63,60 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where this process writes `path` before renaming it (named after its PID, so the
+    files of processes that died while writing can be told apart)."""
+    path = Path(path)
+    return path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary checkpoint files in `folder` whose writing process no longer
+    exists (a run killed while saving leaves one, as large as a checkpoint); the files of
+    live processes, which may still be writing, stay. Returns the deleted paths.
+
+    The PID is checked on this machine: on a folder shared between machines, a file of a
+    process elsewhere whose PID is unused here counts as stale.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = TEMP_NAME.match(path.name)
+        if match is None or not path.is_file() or _process_exists(int(match.group(2))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != 'posix':
+        return True  # os.kill(pid, 0) would terminate it on Windows: keep the file
+    if pid <= 0:
+        return False  # 0 and negative PIDs would signal process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except OverflowError:
+        return False
+    return True
+
+
+def is_checkpoint_of_step(path: str | os.PathLike, step: int) -> bool:
+    """Whether `path` is a readable checkpoint of `step`."""
+    try:
+        return int(load_checkpoint(path)['step']) == step
+    except ArtifactError:
+        return False
 
 
 def _fsync_dir(folder: Path) -> None:

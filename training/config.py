@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from anomaly_seg_node.errors import ConfigError
+from training.score_info import EVAL_SCORES
 
 Method = Literal['closed_set', 'flow_pretrain', 'densehybrid', 'oodhead', 'nflowjs',
                  'nf_hybrid_js', 'nf_hybrid_ldlx', 'nf_hybrid_ld', 'nf_oodhead']
@@ -36,7 +37,7 @@ OUTLIER_HEAD_METHODS = frozenset(
     {'densehybrid', 'oodhead', 'nf_hybrid_js', 'nf_hybrid_ldlx', 'nf_hybrid_ld', 'nf_oodhead'})
 # Methods that train a flow (jointly, or alone for flow_pretrain).
 FLOW_METHODS = frozenset(m for m, kind in NEGATIVES.items() if kind == 'flow') | {'flow_pretrain'}
-SCORES = ('DH', 'OP', 'OPxMS', 'JSD', 'MSP')
+SCORES = EVAL_SCORES  # what eval.scores may name (the paper's Table I)
 
 
 @dataclass(frozen=True)

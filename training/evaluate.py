@@ -11,6 +11,12 @@ labels nearest), the two towns' open-mIoU averaged weighted by image count. The 
 from a pooled histogram (tau = a bin's lower edge, bins 4.9e-4 relative wide). Open-mIoU needs
 the other town's tau first, so the test images are read twice.
 
+Component metrics of SegmentMeIfYouCan (sIoU, PPV, mean F1; `metrics.ComponentMetrics`) of the
+mask score > threshold at full resolution, without the benchmark's size filters (they are pixels
+at its own images' resolution): for an artifact at its default threshold (the sidecar's
+`default_threshold`, the node's); otherwise (a checkpoint, an artifact without a default) at the
+open-mIoU threshold of each town (95% TPR on the other town), found in the second pass.
+
 Images are processed one at a time at full resolution (720x1280 for StreetHazards), so memory
 does not grow with the data set. Outputs in --out: metrics.json, table.md (the paper's column
 order), pr_curves.png and roc_curves.png (pooled curves).
@@ -34,15 +40,14 @@ import numpy as np
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.metrics import (
     DEFAULT_FPR_RULE,
+    ComponentMetrics,
     ConfusionMatrix,
     OpenSetConfusion,
     PerImageOOD,
     PooledOOD,
 )
+from training.score_info import EVAL_SCORES, SCORES, is_tempered, needs_outlier_head
 
-# The paper applies T = 2 to these scores only (methods.md §5).
-TEMPERED_SCORES = ('OP', 'OPxMS', 'JSD')
-OUTLIER_HEAD_SCORES = ('DH', 'OP', 'OPxMS')
 METHOD_NAMES = {
     'closed_set': 'Closed set (stage 1)', 'densehybrid': 'DenseHybrid', 'oodhead': 'OODHead',
     'nflowjs': 'NFlowJS', 'nf_hybrid_js': 'NF-Hybrid-JS', 'nf_hybrid_ldlx': 'NF-Hybrid-LdLx',
@@ -60,18 +65,18 @@ CALIBRATION_BITS = 18
 
 
 def score_temperature(name: str, temperature: float) -> float | None:
-    """The temperature a score is computed with: `temperature` for OP, OPxMS, JSD, else None."""
-    return float(temperature) if name in TEMPERED_SCORES else None
+    """The temperature a score is computed with: `temperature` for the tempered scores (OP,
+    OPxMS, JSD: training.score_info), else None (the score's default)."""
+    return float(temperature) if is_tempered(name) else None
 
 
 def usable_scores(names: Iterable[str], has_outlier_head: bool) -> list[str]:
     """The scores a network can compute (DH, OP, OPxMS need the outlier head)."""
-    return [n for n in names if has_outlier_head or n not in OUTLIER_HEAD_SCORES]
+    return [n for n in names if has_outlier_head or not needs_outlier_head(n)]
 
 
 def parse_scores(text: str | Sequence[str]) -> list[str]:
-    """'DH,OP,OPxMS' -> ['DH', 'OP', 'OPxMS'], each checked against training.scores."""
-    from training.scores import SCORES
+    """'DH,OP,OPxMS' -> ['DH', 'OP', 'OPxMS'], each checked against training.score_info."""
     names = [s.strip() for s in text.split(',')] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     if not names:
@@ -105,7 +110,7 @@ def checkpoint_predictor(path: str | os.PathLike, scores: Sequence[str], device:
     if missing:
         raise ConfigError(f'scores {",".join(missing)} need the outlier head, which the '
                           f'{cfg.method} model in {path} does not have; choose among '
-                          f'{",".join(usable_scores(("DH", "OP", "OPxMS", "JSD", "MSP"), False))}')
+                          f'{",".join(usable_scores(EVAL_SCORES, False))}')
     dev = torch.device(_device(device))
     model = model.to(dev).eval()
     temperature = cfg.eval.temperature
@@ -304,6 +309,27 @@ class _FlagRates:
                 for name, value in self.thresholds.items()}
 
 
+def default_threshold(facts: Mapping[str, Any]) -> dict[str, Any] | None:
+    """{'name', 'value'} of the artifact's default threshold (the sidecar's default_threshold
+    among its thresholds), None when there is none (a checkpoint)."""
+    name = facts.get('default_threshold')
+    thresholds = facts.get('thresholds') or {}
+    if not isinstance(name, str) or name not in thresholds:
+        return None
+    return {'name': name, 'value': float(thresholds[name])}
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf as None (JSON has neither), inside dicts and lists too."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.PathLike,
                    scores: Sequence[str], out: str | os.PathLike,
                    towns: Sequence[str] | None = None, limit: int | None = None,
@@ -313,6 +339,8 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
 
     Test data without anomaly pixels (plain CamVid) still gives the closed mIoU and, for an
     artifact (`facts['thresholds']`), the share of normal pixels each named threshold flags.
+    Component metrics: at `default_threshold(facts)` when there is one, else at each town's
+    open-mIoU threshold (module docstring).
     """
     from tqdm import tqdm
     start = time.time()
@@ -328,6 +356,9 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
     # towns; the town itself when it is the only one).
     calib = {t: {s: PooledOOD(fpr_rule, CALIBRATION_BITS) for s in scores} for t in sets}
     flags = {s: _FlagRates(facts.get('thresholds') or {}) for s in scores}
+    fixed = default_threshold(facts)
+    # no size filters: SegmentMeIfYouCan's are pixels at its own images' resolution
+    components = {s: ComponentMetrics() for s in scores}
     closed = ConfusionMatrix(k, IGNORE)
     anomaly_pixels = evaluated_pixels = 0
     prior_cache: dict[tuple[int, int], np.ndarray] = {}
@@ -349,17 +380,21 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
                 pooled[s].update(maps[s], ood)
             for s in scores:
                 flags[s].update(maps[s], ood)
+                if fixed is not None:
+                    components[s].update(maps[s] > fixed['value'], ood)
                 half = _half(maps[s], ood)
                 for t in targets:
                     calib[t][s].update(*half)
             bar.update(1)
     has_anomalies = anomaly_pixels > 0
     open_sets: dict[str, dict[str, Any]] = {}
-    if has_anomalies and class_metrics:
+    taus: dict[str, dict[str, float]] = {}
+    if has_anomalies and (class_metrics or fixed is None):
         taus = {t: {s: calib[t][s].threshold_at_tpr(tpr, strict=True) for s in scores}
                 for t in sets}
-        open_sets = {t: {s: OpenSetConfusion(k, taus[t][s], IGNORE) for s in scores}
-                     for t in sets}
+        if class_metrics:
+            open_sets = {t: {s: OpenSetConfusion(k, taus[t][s], IGNORE) for s in scores}
+                         for t in sets}
         for town, (ds, n) in sets.items():
             for i in range(n):
                 image, label, ood = _item(ds, i)
@@ -367,7 +402,10 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
                 target = label.astype(np.int64)
                 target[ood == 1] = k
                 for s in scores:
-                    open_sets[town][s].update(pred, maps[s], target)
+                    if open_sets:
+                        open_sets[town][s].update(pred, maps[s], target)
+                    if fixed is None:
+                        components[s].update(maps[s] > taus[town][s], ood)
                 bar.update(1)
     bar.close()
 
@@ -386,6 +424,9 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
             entry['open_per_town'] = {
                 t: {'open_miou': m['open_miou'], 'anomaly_iou': m['anomaly_iou'],
                     'tau': m['tau'], 'images': weights[t]} for t, m in per_town.items()}
+        if has_anomalies:
+            entry['components'] = _components_entry(components[s], fixed, {
+                t: taus[t][s] for t in taus}, tpr)
         if flags[s].thresholds:
             entry['thresholds'] = flags[s].compute()
         result_scores[s] = entry
@@ -408,6 +449,16 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
                           else f'tau at the first ROC point with TPR > {tpr} at half resolution '
                           'on the same (only) town: optimistic'),
             'ignored': data_info['ignored'],
+            'components': (
+                'SegmentMeIfYouCan component metrics (sIoU, PPV, F1 averaged over sIoU/PPV '
+                'thresholds 0.25..0.75) of the mask score > threshold, 8-connected, at full '
+                'resolution, without size filters (min_pred_area = min_gt_area = 0; the '
+                "benchmark's 500/100 px anomaly-track and 50/10 px obstacle-track filters are "
+                "pixels at its own images' resolution); threshold: "
+                + (f"the artifact's default threshold {fixed['name']!r} = {fixed['value']:.6g} "
+                   '(sidecar default_threshold, as the node uses it)' if fixed is not None
+                   else f'the open-mIoU threshold of each town (first ROC point with TPR > '
+                        f'{tpr} on the other town; the only town on itself)')),
             CENTRE_PRIOR: 'reference score that ignores the image: a Gaussian bump at the '
                           f'image centre, sigma {CENTRE_PRIOR_SIGMA} of each side'},
         'seconds': round(time.time() - start, 2),
@@ -428,6 +479,25 @@ def run_evaluation(predict: Predictor, facts: dict[str, Any], data: str | os.Pat
     if has_anomalies:
         plot_curves({s: pooled[s] for s in curves}, out)
     return metrics
+
+
+def _components_entry(metric: ComponentMetrics, fixed: Mapping[str, Any] | None,
+                      taus: Mapping[str, float], tpr: float) -> dict[str, Any]:
+    """The component metrics of one score with the threshold they were measured at."""
+    if fixed is not None:
+        threshold = {'rule': 'default', 'name': fixed['name'], 'value': fixed['value']}
+    else:
+        threshold = {'rule': 'open_miou', 'name': f'tpr{100 * tpr:g}, other town',
+                     'per_town': {t: float(v) for t, v in taus.items()}}
+    return _finite({**metric.compute(), 'threshold': threshold})
+
+
+def component_threshold_words(threshold: Mapping[str, Any]) -> str:
+    """'fpr1 = -6.453' or 'tpr95, other town (t5 0.51, t6 0.49)'."""
+    if 'value' in threshold:
+        return f'{threshold["name"]} = {threshold["value"]:.4g}'
+    towns = ', '.join(f'{t} {v:.4g}' for t, v in threshold.get('per_town', {}).items())
+    return f'{threshold["name"]} ({towns})'
 
 
 def markdown_table(metrics: dict[str, Any]) -> str:
@@ -462,6 +532,7 @@ def markdown_table(metrics: dict[str, Any]) -> str:
             lines.append(f'| {who} | {s} | {_pct(p["ap"])} | {_pct(p["fpr95"])} | '
                          f'{_pct(p["auroc"])} |')
         lines.append('')
+        lines += _component_table(name, metrics)
     else:
         lines += [f'{metrics["images"]} test images without anomaly pixels: {metrics["note"]}',
                   '', f'closed mIoU: {closed}', '']
@@ -480,6 +551,21 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     if metrics.get('class_metrics_note'):
         lines += [f'Note: {metrics["class_metrics_note"]}', '']
     return '\n'.join(lines)
+
+
+def _component_table(name: str, metrics: dict[str, Any]) -> list[str]:
+    rows = [(s, m['components']) for s, m in metrics['scores'].items() if 'components' in m]
+    if not rows:
+        return []
+    lines = ['Component metrics (SegmentMeIfYouCan) of the mask score > threshold, no size '
+             'filters', '',
+             '| Method | Anomaly score | threshold | sIoU | PPV | mean F1 | components '
+             '(labelled / predicted) |', '|---|---|---|---|---|---|---|']
+    for s, c in rows:
+        lines.append(f'| {name} | {s} | {component_threshold_words(c["threshold"])} | '
+                     f'{_pct(c["siou"])} | {_pct(c["ppv"])} | {_pct(c["f1_mean"])} | '
+                     f'{c["n_gt"]} / {c["n_pred"]} |')
+    return [*lines, '']
 
 
 def _pct(value: float | None) -> str:

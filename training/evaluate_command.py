@@ -1,6 +1,7 @@
 """`anomaly-seg evaluate`: the Table I row of a checkpoint (or an exported artifact) on the
 StreetHazards test split: AP / FPR95 / AUROC per score (per-image and pooled protocols), closed
-mIoU, open-mIoU, PR and ROC curves, metrics.json and a markdown table (training/evaluate.py).
+mIoU, open-mIoU, the SegmentMeIfYouCan component metrics (sIoU, PPV, mean F1) of the mask at a
+named threshold, PR and ROC curves, metrics.json and a markdown table (training/evaluate.py).
 """
 
 import argparse
@@ -82,6 +83,13 @@ def _row(m: dict[str, Any]) -> dict[str, Any]:
                    AUROC=_pct(m['per_image']['auroc']), pooled_AP=_pct(m['pooled']['ap']))
     if m.get('open_miou') is not None:
         row['open_mIoU'] = _pct(m['open_miou'])
+    if 'components' in m:
+        from training.evaluate import component_threshold_words
+
+        components = m['components']
+        row.update(sIoU=_pct(components['siou']), PPV=_pct(components['ppv']),
+                   mean_F1=_pct(components['f1_mean']),
+                   component_threshold=component_threshold_words(components['threshold']))
     for name, t in m.get('thresholds', {}).items():
         row[f'{name}_normal_flagged'] = _pct(t['inlier_flagged'])
     return row

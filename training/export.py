@@ -223,9 +223,9 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
         default_threshold=default_threshold,
         training=dict(metadata.get('training', {})),
         code_version=metadata.get('code_version') or code_version(),
-        created=_now(),
+        created=utc_now(),
     )
-    _check_document(draft)
+    check_document(draft)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = {kind: _temp_path(folder, name, f'.{kind}') for kind in formats}
     writers = {'onnx': ('torch.onnx.export', _export_onnx), 'pt2': ('torch.export', _export_pt2)}
@@ -238,7 +238,7 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
                 raise ArtifactError(
                     f'export of {name} failed in {what}: {error}. The model uses an operation '
                     'the exporter cannot trace; nothing was written') from error
-        _check_onnx(tmp['onnx'])
+        check_onnx(tmp['onnx'])
         eager = run_batched(_eager_runner(model), images, batch)
         threshold = (thresholds[default_threshold] if default_threshold is not None
                      else float(np.median(eager[1])))
@@ -269,8 +269,8 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
                 'inputs, non-deterministic kernels)')
 
         files = {kind: FileRef(f'{name}.{kind}', sha256_file(tmp[kind])) for kind in formats}
-        sidecar = dataclasses.replace(draft, files=files, parity=parity, created=_now())
-        _check_document(sidecar)
+        sidecar = dataclasses.replace(draft, files=files, parity=parity, created=utc_now())
+        check_document(sidecar)
         for kind in formats:
             os.replace(tmp[kind], folder / files[kind].name)
         path = write_sidecar(sidecar, folder / f'{name}.json')
@@ -366,7 +366,8 @@ def _export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def _check_onnx(path: Path) -> None:
+def check_onnx(path: Path) -> None:
+    """ArtifactError unless `path` passes onnx.checker with the contract's inputs/outputs."""
     import onnx
 
     try:
@@ -466,7 +467,7 @@ def _temp_path(folder: Path, name: str, suffix: str) -> Path:
     return Path(tmp)
 
 
-def _check_document(sidecar: Sidecar) -> None:
+def check_document(sidecar: Sidecar) -> None:
     """Refuse a sidecar that would not serialise or read back, before any file is renamed."""
     try:
         document = json.loads(json.dumps(sidecar.to_dict(), allow_nan=False))
@@ -480,7 +481,8 @@ def _check_document(sidecar: Sidecar) -> None:
         raise ConfigError(f'{problem}; fix the export metadata') from None
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now in UTC, ISO 8601 to the second (the sidecar's `created`)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 

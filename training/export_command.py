@@ -9,34 +9,31 @@ validation images with pasted negatives or on a labelled split (`--calibration-d
 and `fpr0.1` on inlier validation pixels. Without data the thresholds are score quantiles of
 synthetic road images, named `synthetic_q*` and flagged in the sidecar. `--all-scores` also
 writes the sibling artifacts NAME-segmentation, NAME-OP, NAME-OPxMS, NAME-DH and NAME-JSD that
-`anomaly-seg bench` times side by side. Nothing heavy is imported until `run`.
+`anomaly-seg bench` times side by side. `--int8` also writes NAME-int8.onnx and NAME-int8.json:
+the main score's graph statically quantised for ONNX Runtime on the CPU (QDQ, per-channel int8
+weights, activation ranges from frames of the calibration data), checked against NAME.onnx and
+with thresholds calibrated again on its own scores (training/quantize.py). Nothing heavy is
+imported until `run`.
 """
 
 import argparse
 from pathlib import Path
-import re
 from typing import Any
 
 from anomaly_seg_node.artifact import SCORE_RESOLUTIONS
 from anomaly_seg_node.errors import ConfigError
+from training.cli_types import size_arg
+from training.score_info import TABLE_II_GRAPHS, is_tempered, needs_outlier_head
 
 DEFAULT_SIZE = (720, 1280)  # StreetHazards' validation images
-BENCH_SCORES = ('segmentation', 'OP', 'OPxMS', 'DH', 'JSD')
+MIN_SIZE = 32  # pixels per side of an export
 # Model formats (anomaly_seg_node.artifact.MODEL_FILE_KINDS; onnx is required).
 FORMATS = ('onnx', 'pt2')
 # Which parity block of the sidecar checks which format.
 FORMAT_RUNTIMES = {'onnx': 'onnxruntime', 'pt2': 'torch_export'}
-# Scores whose temperature is the config's eval.temperature (methods.md §5).
-TEMPERATURE_SCORES = ('OP', 'OPxMS', 'JSD')
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'720x1280' -> (720, 1280)."""
-    match = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text)
-    if not match or min(int(match[1]), int(match[2])) < 32:
-        raise argparse.ArgumentTypeError(
-            f'size must be HxW with both sides >= 32 pixels, e.g. 720x1280, got {text!r}')
-    return int(match[1]), int(match[2])
+# training.quantize.DEFAULT_FRAMES and CHECK_FRAMES (not imported: --help stays light).
+DEFAULT_INT8_FRAMES = 32
+INT8_CHECK_FRAMES = 8
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -77,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='anomaly score inside the graph: DH, OP, OPxMS, JSD, MSP, '
                              "max_logit, energy or 'segmentation' (default DH with an outlier "
                              "head, else the config's first eval score)")
-    parser.add_argument('--size', type=parse_size, default=DEFAULT_SIZE, metavar='HxW',
+    parser.add_argument('--size', type=size_arg(MIN_SIZE), default=DEFAULT_SIZE, metavar='HxW',
                         help='static input size of the graph (default 720x1280, the '
                              'StreetHazards validation size)')
     parser.add_argument('--score-resolution', choices=SCORE_RESOLUTIONS, default='stride4',
@@ -104,6 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--all-scores', action='store_true',
                         help='also write NAME-segmentation, NAME-OP, NAME-OPxMS, NAME-DH and '
                              'NAME-JSD (those the network supports) for anomaly-seg bench')
+    parser.add_argument('--int8', action='store_true',
+                        help='also write NAME-int8.onnx/.json: the main score graph statically '
+                             'quantised (QDQ, int8 per-channel weights, uint8 activations '
+                             'calibrated on frames of the calibration data) for onnxruntime on '
+                             'the CPU, checked against NAME.onnx, thresholds recalibrated on '
+                             'its own scores; the score head stays float')
+    parser.add_argument('--int8-frames', type=int, default=None, metavar='N',
+                        help=f'frames of the calibration data that set the int8 activation '
+                             f'ranges (default {DEFAULT_INT8_FRAMES}); {INT8_CHECK_FRAMES} more '
+                             'are held out for its parity check')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the untrained weights and of the pasted negatives')
     parser.add_argument('--no-progress', action='store_true', help='hide progress bars')
@@ -112,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from anomaly_seg_node.artifact import read_sidecar
+    from training import quantize
     from training import scores as score_module
     from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
     from training.export import DeployModel, export_artifact
@@ -122,6 +131,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(str(error)) from None
     if isinstance(args.batch, bool) or args.batch < 1:
         raise ConfigError(f'--batch must be a positive integer, got {args.batch}')
+    int8 = bool(getattr(args, 'int8', False))
+    int8_frames = getattr(args, 'int8_frames', None)
+    if int8_frames is not None and not int8:
+        raise ConfigError('--int8-frames only applies with --int8; add --int8 or drop it')
+    int8_frames = DEFAULT_INT8_FRAMES if int8_frames is None else int8_frames
+    if int8 and int8_frames < 1:
+        raise ConfigError(f'--int8-frames must be >= 1, got {int8_frames}')
     cfg, segmenter, origin = _load_network(args)
     has_head = bool(getattr(segmenter, 'has_outlier_head', False))
     main_score = args.score or ('DH' if has_head else (cfg.eval.scores or ('MSP',))[0])
@@ -130,23 +146,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     exports = [main_score]
     skipped = []
     if args.all_scores:
-        for score in BENCH_SCORES:
+        for score in TABLE_II_GRAPHS:
             if score == main_score:
                 continue
-            if score != 'segmentation' and score_module.score_info(score).needs_outlier_head \
-                    and not has_head:
+            if needs_outlier_head(score) and not has_head:
                 skipped.append(f'{score} (needs the outlier head, which this network lacks)')
                 continue
             exports.append(score)
-    temperatures = {s: (cfg.eval.temperature if s in TEMPERATURE_SCORES else None)
-                    for s in exports}
+    temperatures = {s: (cfg.eval.temperature if is_tempered(s) else None) for s in exports}
 
     size = tuple(args.size)
     notes = []
     resolution = args.score_resolution
     score_maps = ScoreMaps(segmenter, exports, temperatures, resolution)
     torch.manual_seed(args.seed)
-    if args.calibration_data is None and (args.random_init or args.synthetic_thresholds):
+    keep = int8_frames + INT8_CHECK_FRAMES if int8 else 0
+    synthetic = args.calibration_data is None and (args.random_init or args.synthetic_thresholds)
+    calibration_args: dict[str, Any] = {}
+    if synthetic:
         calibration = calibrate_synthetic(score_maps, size, seed=args.seed + 1)
         why = ('--random-init: an untrained network' if args.random_init
                else '--synthetic-thresholds')
@@ -154,12 +171,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      'synthetic road images (synthetic_q95, synthetic_q99, synthetic_q99.9), '
                      'not tpr95/fpr1/fpr0.1; re-export a trained checkpoint with data for those')
     else:
-        calibration = calibrate_on_data(
-            score_maps, size, val_root=cfg.data.root, dataset=cfg.data.dataset,
+        calibration_args = dict(
+            val_root=cfg.data.root, dataset=cfg.data.dataset,
             mapping=cfg.data.mapping, ade_root=cfg.negatives.ade_root,
             ade_crop=cfg.negatives.ade_crop, labelled_root=args.calibration_data,
             max_images=args.calibration_images, seed=args.seed, pad_rgb=cfg.data.mean_fill,
             progress=not args.no_progress)
+        calibration = calibrate_on_data(score_maps, size, frames=keep, **calibration_args)
 
     from training.data.registry import classes_of
     classes, palette = classes_of(cfg.data.dataset, cfg.data.mapping)
@@ -193,6 +211,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  for k in ('label_agreement', 'mask_agreement',
                                                            'score_diff_over_std')}
                          for kind in formats}
+    int8_report = None
+    if int8:
+        int8_report = _export_int8(quantize, read_sidecar(written[main_score]), args, size,
+                                   calibration, calibration_args, synthetic, int8_frames)
+        if len(exports) > 1:
+            notes.append(f'--int8 quantised the main score graph ({main_score}) only; the '
+                         '--all-scores siblings stay fp32')
+        if synthetic:
+            notes.append('--int8 without calibration data: the activation ranges come from '
+                         'synthetic road images, so the int8 parity says little about real '
+                         'frames; re-export with --calibration-data for a deployable one')
+    elif quantize.int8_stem(out).with_suffix('.json').is_file():
+        stale = quantize.stale_int8(read_sidecar(written[main_score]))
+        if stale:
+            notes.append(stale)
     if 'pt2' not in formats:
         notes.append('--formats onnx: no NAME.pt2 was written, so the artifact runs in '
                      'onnxruntime only (backend auto picks it; torch, tensorrt and build-engine '
@@ -211,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'parity': parity,
         'artifacts': written,
     }
+    if int8_report is not None:
+        report['int8'] = int8_report
     if skipped:
         report['skipped'] = skipped
     if notes:
@@ -233,6 +268,18 @@ def format_human(report: dict[str, Any]) -> str:
         if report['thresholds'][score]:
             values = ', '.join(f'{k}={v:.6g}' for k, v in report['thresholds'][score].items())
             lines.append(f'  {"":<12} thresholds: {values}')
+    if report.get('int8'):
+        int8 = report['int8']
+        fig = int8['parity']
+        lines.append(
+            f"  {'int8':<12} {int8['artifact']}  [vs fp32: labels {fig['label_agreement']:.3%}, "
+            f"masks {fig['mask_agreement']:.3%}, score error mean "
+            f"{fig['mean_score_diff_over_std']:.2g} std, p99 "
+            f"{fig['p99_score_diff_over_std']:.2g} std; {int8['calibration_frames']} "
+            'calibration frames]')
+        if int8['thresholds']:
+            values = ', '.join(f'{k}={v:.6g}' for k, v in int8['thresholds'].items())
+            lines.append(f'  {"":<12} thresholds: {values}')
     lines.append(f"calibration: {report['calibration']}; default threshold "
                  f"{report['default_threshold']}")
     for item in report.get('skipped', []):
@@ -240,6 +287,48 @@ def format_human(report: dict[str, Any]) -> str:
     for note in report.get('notes', []):
         lines.append(f'NOTE: {note}')
     return '\n'.join(lines)
+
+
+def _export_int8(quantize: Any, main: Any, args: argparse.Namespace, size: tuple[int, int],
+                 calibration: Any, calibration_args: dict[str, Any], synthetic: bool,
+                 frames: int) -> dict[str, Any]:
+    """NAME-int8 of the main artifact: frames from the calibration data (or synthetic road
+    images), thresholds of its own scores on the same data."""
+    from training.calibration import calibrate_on_data, calibrate_synthetic
+
+    if synthetic:
+        from anomaly_seg_node.check_images import road_like_images
+
+        images = road_like_images(frames + INT8_CHECK_FRAMES, *size, seed=args.seed + 2)
+        source = 'synthetic road images (no calibration data)'
+
+        def recalibrate(score_maps: Any) -> Any:
+            return calibrate_synthetic(score_maps, size, seed=args.seed + 1)
+    else:
+        images = calibration.frames
+        source = (f"{0 if images is None else len(images)} frames evenly spread over "
+                  f"{calibration.info.get('tpr95', 'the calibration data')}")
+
+        def recalibrate(score_maps: Any) -> Any:
+            return calibrate_on_data(score_maps, size, **calibration_args)
+    if images is None or len(images) < 2:
+        raise ConfigError(
+            f'--int8 needs at least 2 calibration frames, the calibration data gave '
+            f'{0 if images is None else len(images)}; give more (--calibration-images)')
+    scored = main.score.name != 'segmentation'
+    sidecar = quantize.export_int8(main, images, recalibrate if scored else None,
+                                   frames_source=source)
+    figures = sidecar.parity['onnxruntime']
+    return {
+        'artifact': str(Path(str(sidecar.source))),
+        'calibration_frames': sidecar.quantization['calibration_frames'],
+        'check_frames': sidecar.parity['images'],
+        'thresholds': dict(sidecar.thresholds),
+        'parity': {k: figures[k] for k in ('label_agreement', 'mask_agreement',
+                                           'mean_score_diff_over_std',
+                                           'p99_score_diff_over_std', 'flagged_share',
+                                           'reference_flagged_share')},
+    }
 
 
 def _check_score(score_module: Any, score: str, has_head: bool) -> None:

@@ -17,61 +17,16 @@ a value beyond the dtype's range (only DH, max_logit and energy are unbounded) s
 largest finite magnitude instead of becoming infinite.
 """
 
-from dataclasses import asdict, dataclass
 import math
 import numbers
-from typing import Any
 
 import torch
 
 from anomaly_seg_node.errors import ConfigError, DataError
+from training.score_info import SCORE_INFO, SCORES, ScoreInfo, score_info
 
-
-@dataclass(frozen=True)
-class ScoreInfo:
-    """What a score needs and what its values mean (exported into sidecars)."""
-
-    name: str
-    needs_outlier_head: bool
-    # None: the score takes no temperature (only None or 1 are accepted).
-    default_temperature: float | None
-    units: str
-    value_range: tuple[float, float]
-    description: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-_LN2 = math.log(2.0)
-SCORE_INFO: dict[str, ScoreInfo] = {
-    info.name: info for info in (
-        ScoreInfo('OP', True, 2.0, 'probability', (0.0, 1.0),
-                  'outlier probability P(d_out|x) = softmax(outlier_logits / T)[1]'),
-        ScoreInfo('OPxMS', True, 2.0, 'probability', (0.0, 1.0),
-                  'outlier probability times (1 - max softmax(logits / T))'),
-        ScoreInfo('DH', True, None, 'nats', (-math.inf, math.inf),
-                  'DenseHybrid log-ratio ln P(d_out|x) - logsumexp(logits)'),
-        ScoreInfo('JSD', False, 2.0, 'nats', (-_LN2, 0.0),
-                  'minus the Jensen-Shannon divergence of softmax(logits / T) from uniform'),
-        ScoreInfo('MSP', False, 1.0, 'probability', (0.0, 1.0),
-                  '1 - max softmax(logits / T)'),
-        ScoreInfo('max_logit', False, None, 'logit', (-math.inf, math.inf),
-                  'minus the largest class logit'),
-        ScoreInfo('energy', False, 1.0, 'nats', (-math.inf, math.inf),
-                  'energy -T * logsumexp(logits / T), i.e. minus the log unnormalised density'),
-    )
-}
-SCORES: tuple[str, ...] = tuple(SCORE_INFO)
-
-
-def score_info(name: str) -> ScoreInfo:
-    """Metadata of a score; ConfigError for an unknown name."""
-    try:
-        return SCORE_INFO[name]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f'unknown anomaly score {name!r}; expected one of {", ".join(SCORES)}') from None
+# The table of the scores lives in the torch-free training.score_info; re-exported here.
+__all__ = ['SCORES', 'SCORE_INFO', 'ScoreInfo', 'anomaly_score', 'score_info']
 
 
 def anomaly_score(

@@ -494,9 +494,14 @@ def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Di
     if state is None and ckpt_io.latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f'the output folder {out} already holds checkpoints of a run; pass '
                           '--resume auto to continue it, or choose another --out')
+    removed: list[Path] = []
     if info.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        removed = ckpt_io.remove_stale_temp_files(ckpt_dir)
+        if removed:
+            print(f'note: removed {len(removed)} temporary checkpoint file(s) of killed runs '
+                  f'from {ckpt_dir}: {", ".join(p.name for p in removed)}', file=sys.stderr)
     amp = cfg.train.amp and device.type == 'cuda'
     code = _code_version()
 
@@ -568,11 +573,27 @@ def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Di
     summary: dict[str, Any] = {
         'method': cfg.method, 'out_dir': str(out), 'device': str(device), 'amp': amp,
         'world_size': info.world, 'steps_per_epoch': spe, 'total_steps': total,
-        'resumed_from': str(resume_path) if resume_path else None, 'start_step': step}
+        'resumed_from': str(resume_path) if resume_path else None, 'start_step': step,
+        'removed_temp_files': [str(p) for p in removed]}
     if state is not None and state.get('finished') and step >= total:
-        summary.update(final_checkpoint=str(ckpt_dir / ckpt_io.FINAL_NAME), steps=step,
-                       note='the run had already finished; nothing to do')
+        final_path = ckpt_dir / ckpt_io.FINAL_NAME
+        note = 'the run had already finished; nothing to do'
+        # A kill between the last step's checkpoint and final.pt leaves a finished run
+        # without final.pt (or with the final.pt of a shorter run): write it now.
+        if info.main and resume_path.resolve() != final_path.resolve() \
+                and not ckpt_io.is_checkpoint_of_step(final_path, step):
+            ckpt_io.save_checkpoint(state, final_path)
+            log.write({'kind': 'checkpoint', 'step': step, 'path': str(final_path),
+                       'finished': True, 'copied_from': str(resume_path)})
+            note = f'the run had already finished; wrote its missing {final_path.name}'
+        info.barrier()
+        summary.update(final_checkpoint=str(final_path), steps=step, note=note)
         return summary
+    every = cfg.train.checkpoint_every
+    if info.main and total - step > 1 and (step // every + 1) * every >= total:
+        print(f'warning: train.checkpoint_every={every} saves nothing before final.pt in the '
+              f'{total - step} steps left, so a killed run starts over; set e.g. '
+              f'train.checkpoint_every={max((total - step) // 4, 1)}', file=sys.stderr)
     log.write({'kind': 'start', 'step': step, 'method': cfg.method, 'world_size': info.world,
                'device': str(device), 'amp': amp, 'total_steps': total,
                'steps_per_epoch': spe, 'resumed_from': summary['resumed_from'],

@@ -1,12 +1,14 @@
 """launch_testing: camera.launch.py starts the node on a tiny ONNX artifact made here; synthetic
 images go in, and the outputs are checked (encodings, sizes, values, the input's header), a
-threshold change through the parameter service, /diagnostics, and clean exit codes.
+threshold change through the parameter service, /diagnostics, label_info, the anomaly objects
+(vision_msgs/Detection2DArray) and clean exit codes.
 
 Run where ROS 2 (Humble or Jazzy) and this package are built: ``colcon test`` or
-``python -m pytest test/ros``. Without rclpy or launch_testing the module skips.
+``python -m pytest -m ros test``; only requirements-runtime.txt is needed beside ROS (the model
+is written by tiny_onnx.py, without the onnx package). Without rclpy or launch_testing the module
+skips.
 """
 
-import hashlib
 import os
 from pathlib import Path
 import tempfile
@@ -15,8 +17,7 @@ import unittest
 
 import numpy as np
 import pytest
-
-from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
+from tiny_onnx import write_artifact  # beside this file, on sys.path under pytest
 
 # rclpy first: without ROS, `launch` would resolve to this repository's launch/ folder.
 rclpy = pytest.importorskip('rclpy')
@@ -27,8 +28,6 @@ launch_testing = pytest.importorskip('launch_testing')
 launch_testing_actions = pytest.importorskip('launch_testing.actions')
 launch_testing_asserts = pytest.importorskip('launch_testing.asserts')
 ament_packages = pytest.importorskip('ament_index_python.packages')
-onnx_helper = pytest.importorskip('onnx.helper')
-onnx_proto = pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 rcl_msg = pytest.importorskip('rcl_interfaces.msg')
 rcl_srv = pytest.importorskip('rcl_interfaces.srv')
@@ -44,6 +43,7 @@ os.environ.setdefault('ROS_DOMAIN_ID', str(100 + os.getpid() % 100))
 NAMESPACE = 'anomaly_seg_test'
 IMAGE_TOPIC = '/anomaly_seg_test_camera/image_raw'
 NODE = f'/{NAMESPACE}/anomaly_seg'
+STATUS = f'{NODE}: anomaly segmentation'  # named after the fully qualified node
 NET_H, NET_W = 8, 12  # the artifact's input size
 IMG_H, IMG_W = 24, 30  # the camera's size: frames shrink to the artifact's, outputs grow back
 THRESHOLDS = {'tpr95': 50.0, 'fpr1': 150.0}
@@ -54,39 +54,11 @@ COLOUR = (30, 180, 90)
 FRAME_ID = 'test_camera_optical_frame'
 
 
-def _write_artifact(folder: Path) -> Path:
-    """A real ONNX graph with the artifact contract: labels = argmax(RGB), score = mean(RGB)."""
-    helper, tensor = onnx_helper, onnx_proto.TensorProto
-    image = helper.make_tensor_value_info('image', tensor.FLOAT, [1, 3, NET_H, NET_W])
-    labels = helper.make_tensor_value_info('labels', tensor.INT32, [1, NET_H, NET_W])
-    score = helper.make_tensor_value_info('anomaly_score', tensor.FLOAT, [1, NET_H, NET_W])
-    nodes = [helper.make_node('ArgMax', ['image'], ['argmax'], axis=1, keepdims=0),
-             helper.make_node('Cast', ['argmax'], ['labels'], to=tensor.INT32),
-             helper.make_node('ReduceMean', ['image'], ['anomaly_score'], axes=[1],
-                              keepdims=0)]
-    graph = helper.make_graph(nodes, 'launch_test_model', [image], [labels, score])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
-    model.ir_version = 8
-    onnx_bytes = model.SerializeToString()
-    # The schema lists a .pt2 too; the onnxruntime backend used here never reads it.
-    pt2_bytes = b'not read by the onnxruntime backend'
-    (folder / 'tiny.onnx').write_bytes(onnx_bytes)
-    (folder / 'tiny.pt2').write_bytes(pt2_bytes)
-    sidecar = Sidecar(
-        method='launch-test', score=ScoreSpec(name='mean_rgb', units='0..255'),
-        input=InputSpec(height=NET_H, width=NET_W), classes=('r', 'g', 'b'),
-        palette=((255, 0, 0), (0, 255, 0), (0, 0, 255)),
-        files={'onnx': FileRef('tiny.onnx', hashlib.sha256(onnx_bytes).hexdigest()),
-               'pt2': FileRef('tiny.pt2', hashlib.sha256(pt2_bytes).hexdigest())},
-        thresholds=dict(THRESHOLDS), default_threshold='tpr95')
-    return write_sidecar(sidecar, folder / 'tiny.json')
-
-
 @pytest.mark.ros
 @pytest.mark.launch_test
 def generate_test_description() -> 'launch.LaunchDescription':
     folder = Path(tempfile.mkdtemp(prefix='anomaly_seg_launch_test_'))
-    artifact = _write_artifact(folder)
+    artifact = write_artifact(folder, NET_H, NET_W, THRESHOLDS)
     params = folder / 'params.yaml'
     # The artifact comes from the launch argument, the rest from this file (root key /**).
     params.write_text('/**:\n  ros__parameters:\n    backend: onnxruntime\n    device: cpu\n'
@@ -203,8 +175,7 @@ class TestAnomalySegNode(unittest.TestCase):
         statuses: list = []
         subscription = self.node.create_subscription(
             diagnostic_msg.DiagnosticArray, '/diagnostics',
-            lambda msg: statuses.extend(s for s in msg.status if s.name.startswith(
-                'anomaly_seg:')), 10)
+            lambda msg: statuses.extend(s for s in msg.status if s.name == STATUS), 10)
         end = time.monotonic() + 10.0
         while not statuses and time.monotonic() < end:
             rclpy.spin_once(self.node, timeout_sec=0.2)
@@ -212,6 +183,10 @@ class TestAnomalySegNode(unittest.TestCase):
         self.assertTrue(statuses)
         values = {kv.key: kv.value for kv in statuses[-1].values}
         self.assertEqual(values['state'], 'active')
+        # The resolved topics, not the unremapped 'image': several cameras stay apart.
+        self.assertEqual(values['input_topic'], IMAGE_TOPIC)
+        self.assertEqual(statuses[-1].hardware_id, IMAGE_TOPIC)
+        self.assertEqual(values['camera_info_topic'], '/anomaly_seg_test_camera/camera_info')
         self.assertEqual(values['backend'], 'onnxruntime')
         self.assertEqual(values['precision'], 'fp32')
         self.assertEqual(len(values['artifact_sha256']), 64)
@@ -235,6 +210,47 @@ class TestAnomalySegNode(unittest.TestCase):
         self.assertTrue(got)
         self.assertEqual([(c.class_id, c.class_name) for c in got[-1].class_map],
                          [(0, 'r'), (1, 'g'), (2, 'b'), (255, 'void')])
+
+
+    def test_5_anomaly_objects(self) -> None:
+        try:
+            import vision_msgs.msg as vision
+        except ImportError:
+            self.skipTest('vision_msgs is not installed: the node publishes no anomaly_objects')
+        got: list = []
+
+        def keep(msg: 'vision.Detection2DArray') -> None:
+            if msg.header.stamp.sec == 5001:
+                got.append(msg)
+
+        subscription = self.node.create_subscription(
+            vision.Detection2DArray, f'/{NAMESPACE}/anomaly_objects', keep, 10)
+        frame = _image(5001)
+        end = time.monotonic() + 60.0
+        try:
+            while not got and time.monotonic() < end:
+                self.publisher.publish(frame)
+                rclpy.spin_once(self.node, timeout_sec=0.2)
+        finally:
+            self.node.destroy_subscription(subscription)
+        self.assertTrue(got, "no anomaly_objects message with the frame's stamp in 60 s")
+        msg = got[0]
+        self.assertEqual((msg.header.stamp.sec, msg.header.stamp.nanosec), (5001, 123))
+        self.assertEqual(msg.header.frame_id, FRAME_ID)
+        # Score 100 everywhere, above tpr95 = 50 (test_2 set it back); classes r, g, b hold no
+        # road, so objects_drivable_classes [auto] restricts nothing: one object, the frame.
+        (detection,) = msg.detections
+        self.assertEqual(detection.id, '0')
+        self.assertEqual((detection.header.stamp.sec, detection.header.frame_id),
+                         (5001, FRAME_ID))
+        (result,) = detection.results
+        self.assertEqual(result.hypothesis.class_id, 'anomaly')
+        # Two thresholds, one of them fprN: the logistic confidence, 50 score units above.
+        self.assertAlmostEqual(result.hypothesis.score, 1.0, places=6)
+        box = detection.bbox
+        self.assertEqual((box.center.position.x, box.center.position.y, box.center.theta),
+                         (IMG_W / 2, IMG_H / 2, 0.0))
+        self.assertEqual((box.size_x, box.size_y), (float(IMG_W), float(IMG_H)))
 
 
 @launch_testing.post_shutdown_test()

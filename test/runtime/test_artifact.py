@@ -362,3 +362,51 @@ def test_any_mutation_is_accepted_or_refused_cleanly(artifact: Path, data: st.Da
         assert str(target) in str(error)  # every refusal names the file
     else:
         assert sidecar.input.height > 0 and len(sidecar.palette) == len(sidecar.classes)
+
+
+QUANTIZATION = {'format': 'QDQ', 'weights': 'int8, symmetric, per output channel',
+                'reference': {'sidecar': 'm.json', 'onnx': 'm-fp32.onnx', 'sha256': '0' * 64}}
+
+
+def _int8(artifact: Path) -> Path:
+    """An int8 sibling of `artifact`: the same model file, precision int8, ONNX only."""
+    sidecar = dataclasses.replace(_sidecar(), files={'onnx': _sidecar().files['onnx']},
+                                  precision='int8', quantization=QUANTIZATION)
+    return write_sidecar(sidecar, artifact.parent / 'm-int8.json')
+
+
+def test_precision_round_trips_and_defaults_to_fp32(artifact: Path) -> None:
+    assert read_sidecar(artifact).precision == 'fp32'
+    assert read_sidecar(artifact).quantization == {}
+    document = _document(artifact)
+    assert document['precision'] == 'fp32' and 'quantization' not in document
+    # a sidecar written before int8 artifacts existed is a float32 graph
+    del document['precision']
+    _rewrite(artifact, document)
+    assert read_sidecar(artifact) == _sidecar()
+    int8 = _int8(artifact)
+    sidecar = read_sidecar(int8)
+    assert sidecar.precision == 'int8' and sidecar.quantization == QUANTIZATION
+    assert sidecar.formats == ('onnx',)
+    assert _document(int8)['precision'] == 'int8'
+    assert _document(int8)['quantization'] == QUANTIZATION
+    again = write_sidecar(sidecar, artifact.parent / 'again.json')
+    assert _document(again) == _document(int8)
+
+
+@pytest.mark.parametrize(('change', 'message'), [
+    ({'precision': 'int4'}, r"field 'precision' must be one of \['fp32', 'int8'\]"),
+    ({'precision': 8}, "field 'precision' must be a string"),
+    ({'quantization': {}}, "field 'quantization' must be a non-empty object"),
+    ({'quantization': 'QDQ'}, "field 'quantization' must be an object"),
+    ({'files': {'onnx': {'name': 'm.onnx', 'sha256': _sha(ONNX_BYTES)},
+                'pt2': {'name': 'm.pt2', 'sha256': _sha(PT2_BYTES)}}},
+     "field 'files.pt2' must be absent for precision int8"),
+    ({'precision': 'fp32'}, "field 'quantization' must be absent for precision fp32"),
+])
+def test_bad_int8_sidecars_are_refused(artifact: Path, change: dict, message: str) -> None:
+    int8 = _int8(artifact)
+    _rewrite(int8, {**_document(int8), **change})
+    with pytest.raises(ArtifactError, match=message) as error:
+        read_sidecar(int8)
+    assert str(int8) in str(error.value)

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 from pathlib import Path
@@ -32,10 +33,13 @@ from anomaly_seg_node.backends import (
     engine_path,
 )
 from anomaly_seg_node.build_engine import (
+    COMPILE_KEYWORDS,
+    PRECISIONS,
     CalibrationSource,
     EngineRecord,
     cached_engine,
     check_build_requirements,
+    check_compile_api,
     compile_options,
     engine_wanted,
     read_record,
@@ -335,7 +339,7 @@ def test_command_refuses_an_onnx_only_artifact_with_the_fix(onnx_only: Path,
 
 def test_auto_wants_no_engine_for_an_onnx_only_artifact(
         onnx_only: Path, artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build_engine, '_has_module', lambda name: True)
+    monkeypatch.setattr(build_engine, '_tensorrt_loads', lambda: True)
     monkeypatch.setattr(build_engine, '_cuda_unavailable', lambda: '')
     lite, full = read_sidecar(onnx_only), read_sidecar(artifact)
     assert engine_wanted('auto', 'cuda', full) and engine_wanted('auto', 'cuda')
@@ -428,41 +432,44 @@ def test_threshold_of_the_check() -> None:
 
 # Compile options ------------------------------------------------------------------------------
 
-NEW_API = {'inputs', 'arg_inputs', 'disable_tf32', 'enable_autocast',
-           'autocast_low_precision_type', 'min_block_size'}
+def compile_2_14(exported_program: Any, inputs: Any = None, *, arg_inputs: Any = None,
+                 kwarg_inputs: Any = None, device: Any = None, disable_tf32: bool = False,
+                 min_block_size: int = 5, enable_autocast: bool = False,
+                 autocast_low_precision_type: Any = None, autocast_excluded_nodes: Any = (),
+                 **kwargs: Any) -> Any:
+    """The head of torch-tensorrt 2.14's `torch_tensorrt.dynamo.compile` signature (its
+    enabled_precisions and use_explicit_typing are gone; strong typing is always on)."""
 
 
-def test_options_of_the_autocast_api() -> None:
-    assert compile_options('fp16', NEW_API, 'f16', 'f32') == {
-        'enable_autocast': True, 'autocast_low_precision_type': 'f16'}
-    assert compile_options('fp32', NEW_API, 'f16', 'f32') == {'disable_tf32': True}
-    explicit = NEW_API | {'use_explicit_typing', 'enabled_precisions'}
-    assert compile_options('fp16', explicit, 'f16', 'f32') == {
-        'enable_autocast': True, 'autocast_low_precision_type': 'f16',
-        'use_explicit_typing': True}
-    assert compile_options('fp32', explicit, 'f16', 'f32') == {
-        'use_explicit_typing': True, 'disable_tf32': True}
-    first = {'enable_autocast', 'low_precision_type', 'use_explicit_typing'}
-    assert compile_options('fp16', first, 'f16', 'f32') == {
-        'enable_autocast': True, 'low_precision_type': 'f16', 'use_explicit_typing': True}
+def compile_2_9(exported_program: Any, inputs: Any = None, *, arg_inputs: Any = None,
+                disable_tf32: bool = False, enabled_precisions: Any = None,
+                use_explicit_typing: bool = False, **kwargs: Any) -> Any:
+    """An older generation's signature: no autocast."""
 
 
-def test_options_of_the_enabled_precisions_api() -> None:
-    old = {'inputs', 'enabled_precisions', 'disable_tf32'}
-    assert compile_options('fp16', old, 'f16', 'f32') == {'enabled_precisions': {'f16', 'f32'}}
-    assert compile_options('fp32', old, 'f16', 'f32') == {'enabled_precisions': {'f32'},
-                                                          'disable_tf32': True}
-    typed = old | {'use_explicit_typing'}
-    assert compile_options('fp16', typed, 'f16', 'f32') == {
-        'enabled_precisions': {'f16', 'f32'}, 'use_explicit_typing': False}
-
-
-def test_options_without_any_fp16_route() -> None:
-    with pytest.raises(BackendError, match='cannot build an fp16 engine; use --precision fp32'):
-        compile_options('fp16', {'inputs'}, 'f16', 'f32')
-    assert compile_options('fp32', {'inputs'}, 'f16', 'f32') == {}
+def test_options_of_torch_tensorrt_2_14() -> None:
+    assert compile_options('fp16', 'f16') == {'enable_autocast': True,
+                                              'autocast_low_precision_type': 'f16'}
+    assert compile_options('fp32', 'f16') == {'disable_tf32': True}
+    # Every keyword the build passes is a named parameter of the pinned release: compile()
+    # swallows unknown keywords in **kwargs, so a misspelt or retired one would pass silently.
+    accepted = inspect.signature(compile_2_14).parameters
+    for precision in PRECISIONS:
+        assert set(compile_options(precision, 'f16')) <= set(COMPILE_KEYWORDS)
+    assert set(COMPILE_KEYWORDS) <= set(accepted)
+    assert check_compile_api(compile_2_14, '2.14.0') is None
     with pytest.raises(ConfigError, match='unknown precision'):
-        compile_options('bf16', NEW_API, 'f16', 'f32')
+        compile_options('bf16', 'f16')
+
+
+def test_another_torch_tensorrt_generation_is_refused_by_name() -> None:
+    with pytest.raises(BackendError) as error:
+        check_compile_api(compile_2_9, '2.9.0')
+    assert str(error.value) == (
+        'torch_tensorrt 2.9.0 has no enable_autocast, autocast_low_precision_type in '
+        'torch_tensorrt.dynamo.compile, which this build passes (torch-tensorrt 2.14); pip '
+        "install 'anomaly_seg[tensorrt]' (torch-tensorrt 2.14 for torch 2.14) on the machine "
+        'with the target GPU')
 
 
 # Calibration images -------------------------------------------------------------------------
@@ -511,13 +518,13 @@ def test_engine_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
     for backend in ('tensorrt', 'auto', 'torch', 'onnxruntime'):
         assert not engine_wanted(backend, 'cpu')
     assert not engine_wanted('torch', 'cuda') and not engine_wanted('onnxruntime', 'cuda')
-    monkeypatch.setattr(build_engine, '_has_module', lambda name: True)
+    monkeypatch.setattr(build_engine, '_tensorrt_loads', lambda: True)
     monkeypatch.setattr(build_engine, '_cuda_unavailable', lambda: '')
     assert engine_wanted('auto', 'cuda')
     monkeypatch.setattr(build_engine, '_cuda_unavailable', lambda: 'torch sees no CUDA device')
     assert not engine_wanted('auto', 'cuda')
     monkeypatch.setattr(build_engine, '_cuda_unavailable', lambda: '')
-    monkeypatch.setattr(build_engine, '_has_module', lambda name: name != 'torch_tensorrt')
+    monkeypatch.setattr(build_engine, '_tensorrt_loads', lambda: False)
     assert not engine_wanted('auto', 'cuda')
 
 

@@ -3,6 +3,7 @@
 import array
 from collections.abc import Sequence
 from types import SimpleNamespace
+import zlib
 
 import cv2
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from rosbags.typesys import Stores, get_typestore
 from anomaly_seg_node.errors import ImageDecodeError
 from anomaly_seg_node.image_codec import (
     DECODABLE,
+    MAX_PIXELS,
+    MAX_SIDE,
     decode_compressed,
     decode_image,
     encode_image,
@@ -115,8 +118,12 @@ def test_decode_every_encoding(encoding, pad, kind):
         assert got.dtype == native.dtype.newbyteorder('=') and got.dtype.isnative
         np.testing.assert_array_equal(got, native)
         if encoding == '32FC1':
-            with pytest.raises(ImageDecodeError, match="want='native'"):
+            with pytest.raises(ImageDecodeError) as error:
                 decode_image(msg)
+            assert str(error.value) == (
+                "Image.encoding '32FC1' is a float map (a depth image or a score map), not a "
+                'camera image; subscribe the node to a camera image topic (rgb8, bgr8, mono8, '
+                '...)')
             continue
         rgb = decode_image(msg)
         assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8
@@ -231,18 +238,195 @@ def test_compressed_garbage_is_a_decode_error(payload):
         decode_compressed(compressed(payload, 'jpeg'))
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC (what a careful forger writes)."""
+    return len(body).to_bytes(4, 'big') + kind + body + zlib.crc32(kind + body).to_bytes(4, 'big')
+
+
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk of a well-formed PNG."""
+    chunks, pos = [], 8
+    while pos < len(png):
+        length = int.from_bytes(png[pos:pos + 4], 'big')
+        chunks.append((png[pos + 4:pos + 8], png[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def forge_png(png: bytes, height: int, width: int) -> bytes:
+    """``png`` with its IHDR declaring height x width, CRC recomputed."""
+    chunks = png_chunks(png)
+    kind, body = chunks[0]
+    assert kind == b'IHDR'
+    body = width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + body[8:]
+    return png[:8] + b''.join(png_chunk(k, b) for k, b in [(kind, body), *chunks[1:]])
+
+
+def sof_offset(jpg: bytes) -> int:
+    return next(i for i in range(2, len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xC0)
+
+
 def test_compressed_header_declaring_a_huge_image_is_refused_before_decoding():
     rgb = random_native('rgb8', np.random.default_rng(7), height=4, width=5)
     ok, png = cv2.imencode('.png', rgb)
     ok, jpg = cv2.imencode('.jpg', rgb)
-    png, jpg = bytearray(png.tobytes()), bytearray(jpg.tobytes())
-    sof = next(i for i in range(2, len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xC0)
+    png, jpg = png.tobytes(), bytearray(jpg.tobytes())
+    sof = sof_offset(jpg)
     assert int.from_bytes(jpg[sof + 5:sof + 7], 'big') == 4  # the SOF0 height we will forge
-    png[16:20] = (100000).to_bytes(4, 'big')  # IHDR width
     jpg[sof + 5:sof + 7] = (60000).to_bytes(2, 'big')
-    for payload in (png, jpg):
-        with pytest.raises(ImageDecodeError, match='declares'):
-            decode_compressed(compressed(bytes(payload), 'png'))
+    for payload, fmt in ((forge_png(png, 4, 100000), 'png'), (bytes(jpg), 'jpeg')):
+        with pytest.raises(ImageDecodeError, match='declares a .* image; expected 1..16384'):
+            decode_compressed(compressed(payload, fmt))
+
+
+def test_pixel_budget_is_enforced_from_the_header():
+    """A 16384 x 16384 png of a few hundred bytes passes the side limit but not the budget: it
+    is refused from its IHDR (before, it cost 49 s and 5.7 GB to decode)."""
+    ok, png = cv2.imencode('.png', np.zeros((8, 8), np.uint8))
+    bomb = forge_png(png.tobytes(), MAX_SIDE, MAX_SIDE)
+    with pytest.raises(ImageDecodeError) as error:
+        decode_compressed(compressed(bomb, 'png'))
+    assert str(error.value) == (
+        f"CompressedImage.data ({len(bomb)} bytes, format 'png') declares a 16384 x 16384 "
+        'image, 268435456 pixels, above the budget of 9123840 pixels (max_input_pixels; 4K UHD '
+        'by default): a corrupt or hostile message, or a camera above the budget, for which '
+        'raise max_input_pixels')
+    assert MAX_PIXELS == 9123840 >= 3840 * 2160
+    rgb = random_native('rgb8', np.random.default_rng(8), height=6, width=9)
+    ok, jpg = cv2.imencode('.jpg', rgb)
+    ok, png = cv2.imencode('.png', rgb)
+    for payload, fmt in ((jpg.tobytes(), 'jpeg'), (png.tobytes(), 'png')):
+        msg = compressed(payload, fmt)
+        assert decode_compressed(msg, max_pixels=54).shape == (6, 9, 3)  # exactly the budget
+        assert decode_compressed(msg, max_pixels=None).shape == (6, 9, 3)
+        with pytest.raises(ImageDecodeError, match='6 x 9 image, 54 pixels, above the budget '
+                                                   'of 53 pixels'):
+            decode_compressed(msg, max_pixels=53)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match='max_pixels must be a positive integer or None'):
+            decode_compressed(compressed(png.tobytes(), 'png'), max_pixels=bad)
+
+
+def test_a_4k_frame_fits_the_default_budget():
+    ok, png = cv2.imencode('.png', np.full((2160, 3840), 77, np.uint8))
+    out = decode_compressed(compressed(png.tobytes(), 'png'))
+    assert out.shape == (2160, 3840, 3) and np.all(out == 77)
+
+
+@pytest.mark.parametrize(('ext', 'name'), [('.bmp', 'bmp'), ('.tiff', 'tiff'), ('.webp', 'webp')])
+def test_other_image_formats_labelled_jpeg_are_refused(ext, name):
+    rgb = random_native('rgb8', np.random.default_rng(9), height=6, width=9)
+    ok, data = cv2.imencode(ext, rgb)
+    assert ok and cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None  # OpenCV would take it
+    for fmt in ('jpeg', 'rgb8; jpeg compressed bgr8', ''):
+        with pytest.raises(ImageDecodeError) as error:
+            decode_compressed(compressed(data.tobytes(), fmt))
+        assert str(error.value) == (
+            f'CompressedImage.data ({data.size} bytes, format {fmt!r}) holds a {name} image; '
+            'this node decodes jpeg and png only: have the publisher send one of them, or '
+            'check the transport if the data is corrupt')
+
+
+def test_format_names_the_codec_the_data_must_have():
+    rgb = random_native('rgb8', np.random.default_rng(10), height=6, width=9)
+    ok, png = cv2.imencode('.png', rgb)
+    ok, jpg = cv2.imencode('.jpg', rgb)
+    with pytest.raises(ImageDecodeError, match=r"holds a png image, but its format names jpeg; "
+                                               r"fix the publisher's format field"):
+        decode_compressed(compressed(png.tobytes(), 'bgr8; jpeg compressed bgr8'))
+    with pytest.raises(ImageDecodeError, match='holds a jpeg image, but its format names png'):
+        decode_compressed(compressed(jpg.tobytes(), 'PNG'))
+    with pytest.raises(ImageDecodeError, match="unsupported CompressedImage.format 'tiff': it "
+                                               'names tiff; this node decodes jpeg and png'):
+        decode_compressed(compressed(png.tobytes(), 'tiff'))
+    # A format that names no codec: the data says which.
+    for fmt in ('', 'bgr8', 'jpg'):
+        payload = jpg if fmt == 'jpg' else png
+        assert decode_compressed(compressed(payload.tobytes(), fmt)).shape == (6, 9, 3)
+
+
+def corrupt_frames() -> dict[str, tuple[bytes, str]]:
+    """Corrupt or foreign payloads; handed to OpenCV as they are, most make OpenCV's logger,
+    libpng or libjpeg write to stderr (OpenCV 4.11 and 5.1), and some decode to a picture."""
+    rgb = random_native('rgb8', np.random.default_rng(11), height=32, width=40)
+    png = cv2.imencode('.png', rgb)[1].tobytes()
+    jpg = cv2.imencode('.jpg', rgb)[1].tobytes()
+    idat = next(i for i in range(len(png)) if png[i:i + 4] == b'IDAT')
+    flipped = bytearray(png)
+    flipped[idat + 40] ^= 0x5A  # inside the compressed pixels
+    sof = sof_offset(jpg)
+    return {
+        'png bit flip in IDAT': (bytes(flipped), 'png'),
+        'png chunk type broken': (png[:37] + b'\x00' + png[38:], 'png'),
+        'png IHDR CRC wrong': (png[:29] + b'\0\0\0\0' + png[33:], 'png'),
+        'png without IHDR': (png[:8] + b'\0' * 40, 'png'),
+        'png truncated': (png[:len(png) // 2], 'png'),
+        'jpeg garbage between segments': (jpg[:sof] + b'garbage' + jpg[sof:], 'jpeg'),
+        'jpeg truncated': (jpg[:len(jpg) // 2], 'jpeg'),
+        'jpeg without end marker': (jpg[:-2], 'jpeg'),
+        'jpeg segment length past the end': (jpg[:sof + 2] + b'\xff\xff' + jpg[sof + 4:],
+                                             'jpeg'),
+        'bmp truncated': (cv2.imencode('.bmp', rgb)[1].tobytes()[:100], 'jpeg'),
+        'tiff truncated': (cv2.imencode('.tiff', rgb)[1].tobytes()[:100], 'jpeg'),
+    }
+
+
+@pytest.mark.parametrize('case', sorted(corrupt_frames()))
+def test_corrupt_frames_are_refused_without_writing_to_stderr(case, capfd):
+    """OpenCV's logger, libpng and libjpeg write to file descriptor 2 from C (1,337 lines for
+    2,600 corrupt frames through the node); these frames are refused before OpenCV sees them."""
+    payload, fmt = corrupt_frames()[case]
+    capfd.readouterr()
+    with pytest.raises(ImageDecodeError, match='CompressedImage.data'):
+        decode_compressed(compressed(payload, fmt))
+    assert capfd.readouterr().err == ''
+
+
+def test_png_ancillary_chunks_are_dropped_not_decoded(capfd):
+    rgb = random_native('rgb8', np.random.default_rng(12), height=5, width=6)
+    png = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    chunks = png_chunks(png)
+    noisy = png[:8] + b''.join(png_chunk(k, b) for k, b in [
+        chunks[0], (b'iCCP', b'sRGB\x00\x00' + b'garbage, not zlib'), *chunks[1:]])
+    capfd.readouterr()
+    np.testing.assert_array_equal(decode_compressed(compressed(noisy, 'png')), rgb)
+    assert capfd.readouterr().err == ''
+
+
+def test_valid_variants_of_jpeg_and_png_decode():
+    rgb = cv2.GaussianBlur(random_native('rgb8', np.random.default_rng(13), height=48,
+                                         width=64), (5, 5), 2)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    jpegs = {
+        'baseline': cv2.imencode('.jpg', bgr)[1],
+        'progressive': cv2.imencode('.jpg', bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1],
+        'restart markers': cv2.imencode('.jpg', bgr, [cv2.IMWRITE_JPEG_RST_INTERVAL, 1])[1],
+        'grey': cv2.imencode('.jpg', bgr[:, :, 1])[1],
+    }
+    for name, data in jpegs.items():
+        out = decode_compressed(compressed(data.tobytes(), 'jpeg'))
+        assert out.shape == (48, 64, 3), name
+        expected = np.repeat(rgb[:, :, 1:2], 3, axis=2) if name == 'grey' else rgb
+        assert np.abs(out.astype(int) - expected).mean() < 4, name
+    # Fill bytes before a marker and bytes after the end marker are legal.
+    base = jpegs['baseline'].tobytes()
+    sof = sof_offset(base)
+    padded = base[:sof] + b'\xff\xff' + base[sof:] + b'\x00' * 7
+    np.testing.assert_array_equal(decode_compressed(compressed(padded, 'jpeg')),
+                                  decode_compressed(compressed(base, 'jpeg')))
+    # Palette png (OpenCV cannot write one) and an interlaced one, built by hand.
+    palette = bytes([255, 0, 0, 0, 0, 255])
+    rows = b''.join(b'\x00' + bytes([x % 2 for x in range(4)]) for _ in range(3))
+    ihdr = (4).to_bytes(4, 'big') + (3).to_bytes(4, 'big') + bytes([8, 3, 0, 0, 0])
+    indexed = b'\x89PNG\r\n\x1a\n' + b''.join(png_chunk(k, b) for k, b in [
+        (b'IHDR', ihdr), (b'PLTE', palette), (b'IDAT', zlib.compress(rows)), (b'IEND', b'')])
+    out = decode_compressed(compressed(indexed, 'png'))
+    assert out.shape == (3, 4, 3)
+    np.testing.assert_array_equal(out[0], [[255, 0, 0], [0, 0, 255]] * 2)
+    no_palette = b'\x89PNG\r\n\x1a\n' + b''.join(png_chunk(k, b) for k, b in [
+        (b'IHDR', ihdr), (b'IDAT', zlib.compress(rows)), (b'IEND', b'')])
+    with pytest.raises(ImageDecodeError, match='no PLTE before IDAT'):
+        decode_compressed(compressed(no_palette, 'png'))
 
 
 def test_compressed_depth_and_bad_fields_refused():

@@ -1,6 +1,11 @@
 """The node's logic without ROS: parameters, transitions, newest-frame slot and worker, publish
-decisions, max_input_age, diagnostics, throttled warnings (fake transport, fake segmenter)."""
+decisions, max_input_age, max_input_pixels, anomaly objects (found, drawn, boxes in input
+pixels, their Detection2DArray), diagnostics (conditions, causes, ageing figures, lost frames,
+node and topic names, device auto), throttled warnings (fake transport, fake segmenter, fake
+clocks).
+"""
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -17,13 +22,22 @@ import pytest
 import yaml
 
 from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
-from anomaly_seg_node.errors import ArtifactError, ConfigError
-from anomaly_seg_node.image_codec import ImageFields, decode_image, encode_image
+from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
+from anomaly_seg_node.image_codec import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    ImageFields,
+    decode_image,
+    encode_image,
+)
+from anomaly_seg_node.imaging import plan_fit
+from anomaly_seg_node.node_health import estimate_loss, nominal_period_ns
 from anomaly_seg_node.node_logic import (
     CAMERA_INFO_OUTPUT,
     ENCODINGS,
     ERROR,
     LABEL_INFO_TOPIC,
+    OBJECTS_TOPIC,
     OK,
     PARAMS,
     SPECS,
@@ -33,13 +47,20 @@ from anomaly_seg_node.node_logic import (
     FrameWorker,
     NewestFrameSlot,
     NodeCore,
+    ObjectsOut,
     Throttle,
+    detection_array_message,
+    drivable_class_ids,
+    expand_topic,
+    network_box_to_input,
     resolve_artifact,
     stamp_ns,
     validate_params,
     wanted_outputs,
     wants_camera_info,
+    wants_objects,
 )
+from anomaly_seg_node.objects import DEFAULT_BOX_COLOR, AnomalyObject
 from anomaly_seg_node.pipeline import OUTPUTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,15 +100,21 @@ class FakeSegmenter:
 
 
 class FakeLoader:
-    def __init__(self, run_device: str | None = None) -> None:
+    def __init__(self, run_device: str | None = None, reason: str = 'requested',
+                 no_gpu: str = '') -> None:
         self.run_device = run_device  # None: the device asked for
+        self.reason = reason
+        self.no_gpu = no_gpu  # raise BackendError(no_gpu) for device cuda, as backends.load
         self.calls: list[tuple] = []
         self.segmenter: FakeSegmenter | None = None
 
     def __call__(self, sidecar: Sidecar, backend: str, device: str, precision: str,
                  engine_cache_dir: str | None) -> FakeSegmenter:
         self.calls.append((sidecar, backend, device, precision, engine_cache_dir))
+        if self.no_gpu and device == 'cuda':
+            raise BackendError(self.no_gpu)
         self.segmenter = FakeSegmenter(sidecar, backend, self.run_device or device, precision)
+        self.segmenter.reason = self.reason
         return self.segmenter
 
 
@@ -134,19 +161,25 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def artifact(tmp_path: Path) -> Path:
+def _write_artifact(folder: Path, thresholds: dict[str, float] = THRESHOLDS,
+                    classes: tuple[str, ...] = ('road', 'car', 'sky')) -> Path:
     # The schema lists both model files; FakeLoader reads neither, only their hashes are checked.
     onnx, pt2 = b'onnx stand-in', b'pt2 stand-in'
-    (tmp_path / 'm.onnx').write_bytes(onnx)
-    (tmp_path / 'm.pt2').write_bytes(pt2)
+    (folder / 'm.onnx').write_bytes(onnx)
+    (folder / 'm.pt2').write_bytes(pt2)
+    palette = ((128, 64, 128), (0, 0, 142), (70, 130, 180))
     sidecar = Sidecar(
         method='DenseHybrid', score=ScoreSpec(name='DH', units='nats'),
         input=InputSpec(height=NET_H, width=NET_W, batch=1),
-        classes=('road', 'car', 'sky'), palette=((128, 64, 128), (0, 0, 142), (70, 130, 180)),
+        classes=classes, palette=palette[:len(classes)],
         files={'onnx': FileRef('m.onnx', _sha(onnx)), 'pt2': FileRef('m.pt2', _sha(pt2))},
-        void_id=255, thresholds=dict(THRESHOLDS), default_threshold='tpr95')
-    return write_sidecar(sidecar, tmp_path / 'm.json')
+        void_id=255, thresholds=dict(thresholds), default_threshold='tpr95')
+    return write_sidecar(sidecar, folder / 'm.json')
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    return _write_artifact(tmp_path)
 
 
 def _params(path: Path, **overrides: Any) -> dict[str, Any]:
@@ -217,8 +250,14 @@ def test_descriptors_say_allowed_values_and_when_changes_apply() -> None:
     assert SPECS['overlay_alpha'].constraints == 'from 0 to 1; changeable at run time'
     assert SPECS['autostart'].read_only and not SPECS['artifact'].read_only
     assert SPECS['anomaly_threshold'].dynamic_typing
-    assert [s.name for s in PARAMS if s.kind == 'runtime'] == ['anomaly_threshold',
-                                                               'overlay_alpha']
+    assert [s.name for s in PARAMS if s.kind == 'runtime'] == [
+        'anomaly_threshold', 'overlay_alpha', 'objects_drivable_classes', 'objects_margin_px',
+        'objects_merge_px', 'objects_min_area_px', 'objects_min_area_fraction', 'objects_max']
+    # Integers get an IntegerRange in node.py and say their bounds as integers.
+    assert SPECS['max_input_pixels'].integer and not SPECS['autostart'].integer
+    assert SPECS['max_input_pixels'].constraints == (
+        'from 1 to 268435456; read at configure; change it while unconfigured')
+    assert SPECS['objects_max'].constraints == 'from 1 to 1000; changeable at run time'
 
 
 def test_validate_params_converts_and_defaults() -> None:
@@ -233,7 +272,7 @@ def test_validate_params_converts_and_defaults() -> None:
 
 @pytest.mark.parametrize('name, value, words', [
     ('backend', 'cuda', 'one of auto, tensorrt, torch, onnxruntime'),
-    ('device', 'cuda:0', 'one of cpu, cuda'),
+    ('device', 'cuda:0', 'one of auto, cpu, cuda'),
     ('input_reliability', 'RELIABLE', 'best_effort, reliable'),
     ('overlay_alpha', 1.5, 'from 0 to 1'),
     ('overlay_alpha', '0.5', 'must be a number'),
@@ -246,6 +285,15 @@ def test_validate_params_converts_and_defaults() -> None:
     ('autostart', 'yes', 'true or false'),
     ('resize_mode', 'fill', 'one of letterbox, crop_center, stretch'),
     ('artifact', 3, 'must be a string'),
+    ('max_input_pixels', 0, 'from 1 to 268435456'),
+    ('max_input_pixels', 2.0, 'must be an integer'),
+    ('max_input_pixels', True, 'must be an integer'),
+    ('objects_margin_px', -1, 'from 0 to 4096'),
+    ('objects_max', 1001, 'from 1 to 1000'),
+    ('objects_min_area_fraction', 0.6, 'from 0 to 0.5'),
+    ('objects_drivable_classes', 'road', 'a list of class names'),
+    ('objects_drivable_classes', ['road', 3], 'a list of class names'),
+    ('objects_drivable_classes', ['none', 'road'], 'none stands alone'),
 ])
 def test_validate_params_names_the_problem(name: str, value: Any, words: str) -> None:
     with pytest.raises(ConfigError, match=f'parameter {name}') as info:
@@ -439,7 +487,9 @@ def test_frame_outputs_encodings_sizes_headers_and_values(core: NodeCore,
     colour = decode_image(transport.last('semantic_color'), 'native')
     assert np.all(colour == (0, 0, 142))
     overlay = decode_image(transport.last('overlay'), 'native')
-    assert np.all(overlay == (0, 255, 255))  # anomalous everywhere: the anomaly colour
+    # Anomalous everywhere: the anomaly colour. No object box: every pixel is a car, none is
+    # drivable (objects_drivable_classes [auto] = road, margin 16 px).
+    assert np.all(overlay == (0, 255, 255))
 
     # A threshold change takes effect on the next frame.
     assert core.update_parameters({'anomaly_threshold': 'fpr1'}) is None
@@ -649,7 +699,7 @@ def test_diagnostics_when_running(core: NodeCore, transport: FakeTransport, arti
     report = core.diagnostics()
     values = dict(report.values)
     assert report.level == OK and report.message.startswith('active: 10.0 Hz out of 10.0 Hz in')
-    assert report.name == 'anomaly_seg: anomaly segmentation'
+    assert report.name == '/anomaly_seg: anomaly segmentation'
     assert values['backend'] == 'onnxruntime' and values['precision'] == 'fp32'
     assert values['artifact_sha256'] == hashlib.sha256(b'onnx stand-in').hexdigest()
     assert values['frames_processed'] == '10' and values['anomaly_threshold'] == '100'
@@ -675,13 +725,233 @@ def test_diagnostics_watchdog_warns_when_input_stops(core: NodeCore, artifact: P
     assert core.diagnostics().level == OK
     clock.ns += 1_000_000_000  # 2.5 s since activation, nothing arrived
     report = core.diagnostics()
-    assert report.level == WARN and 'no input on image for 2.5 s' in report.message
+    assert report.level == WARN and 'no input on /image for 2.5 s' in report.message
     core.on_message(_image(1, 1))
     assert core.diagnostics().level == OK
     clock.ns += 3_000_000_000
     assert core.diagnostics().level == WARN
     core.deactivate()
     assert core.diagnostics().level == OK  # inactive: no input expected
+
+
+def _feed(core: NodeCore, clock: FakeClock, make: Any, seconds: float, hz: float = 10.0,
+          camera_info: bool = False) -> None:
+    """``seconds`` of a camera at ``hz``: frame k is ``make(k)`` (None: lost before the node)
+    through the subscription callback and straight into process(), on the fake clocks."""
+    core.slot.put = lambda item: None  # the frames go to process() here, not to the worker
+    period = int(1e9 / hz)
+    for k in range(round(seconds * hz)):
+        msg = make(k)
+        if camera_info:  # small messages: every one arrives
+            sec, nanosec = divmod(_START + k * period, 10**9)
+            header = SimpleNamespace(stamp=SimpleNamespace(sec=sec, nanosec=nanosec))
+            core.on_camera_info(SimpleNamespace(header=header, height=8, width=12))
+        if msg is not None:
+            core.on_message(msg)
+            core.process(_frame(msg, clock))
+        clock.ns += period
+
+
+_START = 999 * 10**9  # the camera's first stamp
+
+
+def _yuv(k: int) -> ImageFields:
+    msg = _image(1, 1)
+    msg.encoding = 'yuv422'
+    return msg
+
+
+def test_diagnostics_warn_then_error_when_every_frame_is_rejected(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    """A yuv422 camera: frames arrive, none can be decoded; this used to be OK, "0.0 Hz out of
+    9.6 Hz in"."""
+    core.configure(_params(artifact))  # output_timeout: 10 s by default
+    core.activate()
+    _feed(core, clock, _yuv, seconds=4.0)
+    assert core.diagnostics().level == OK  # not yet a whole window
+    _feed(core, clock, _yuv, seconds=2.0)
+    report = core.diagnostics()
+    assert report.level == WARN
+    assert report.message.startswith(
+        'nothing published for 6.0 s while frames arrive on /image (10.0 Hz): 50 frames could '
+        "not be decoded (unsupported: Image.encoding 'yuv422' is a raw Bayer/YUV format;")
+    _feed(core, clock, _yuv, seconds=5.0)
+    report = core.diagnostics()
+    assert report.level == ERROR and report.message.startswith('nothing published for 11.0 s')
+    assert dict(report.values)['frames_rejected_decode'] == '110'
+    _feed(core, clock, lambda k: _image(1, 1, stamp=transport.clock_ns), seconds=0.5)
+    report = core.diagnostics()
+    assert report.level == OK and report.message.startswith('active: ')
+
+
+def test_diagnostics_name_stale_frames_and_use_sim_time(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    """A bag played without use_sim_time: every frame is older than max_input_age."""
+    core.configure(_params(artifact, max_input_age=0.5, output_timeout=0.0))
+    core.activate()
+    recorded = transport.clock_ns - 12_300_000_000
+    _feed(core, clock, lambda k: _image(1, 1, stamp=recorded), seconds=30.0)
+    report = core.diagnostics()
+    assert report.level == WARN  # output_timeout 0: never ERROR
+    assert ('50 frames were older than max_input_age 0.5 s (the last 12.3 s old): '
+            'use_sim_time? A bag played with --clock needs use_sim_time:=true') in report.message
+    assert 'could not be decoded' not in report.message
+
+
+def test_diagnostics_figures_age_out(core: NodeCore, transport: FakeTransport, artifact: Path,
+                                     clock: FakeClock) -> None:
+    core.configure(_params(artifact))
+    core.activate()
+    _feed(core, clock, lambda k: _image(1, 1, stamp=transport.clock_ns - 20_000_000),
+          seconds=1.0)
+    values = dict(core.diagnostics().values)
+    assert values['latency_ms_mean'] == '20.000' and values['output_rate_hz'] == '10.000'
+    clock.ns += 6 * 10**9  # the camera stops
+    report = core.diagnostics()
+    values = dict(report.values)
+    assert 'latency_ms_mean' not in values and 'processing_ms_mean' not in values
+    assert values['output_rate_hz'] == values['input_rate_hz'] == '0.000'
+    assert values['frames_processed'] == '10'  # totals since activation stay
+    assert report.level == WARN and report.message.startswith('no input on /image for 6.1 s')
+
+
+def test_diagnostics_tell_cameras_apart(transport: FakeTransport, artifact: Path,
+                                        clock: FakeClock) -> None:
+    """Two namespaced nodes: names and topics as resolved by the node (remaps included)."""
+    remaps = {'image': '/front/camera/image_raw', 'camera_info': '/front/camera/camera_info'}
+    front = NodeCore(transport, name='/front/anomaly_seg', loader=FakeLoader(),
+                     monotonic_ns=clock, resolve_topic=lambda topic: remaps[topic])
+    rear = NodeCore(FakeTransport(), name='/rear/anomaly_seg', loader=FakeLoader(),
+                    monotonic_ns=clock)
+    try:
+        for core in (front, rear):
+            core.configure(_params(artifact))
+        reports = [core.diagnostics() for core in (front, rear)]
+    finally:
+        front.shutdown()
+        rear.shutdown()
+    assert [r.name for r in reports] == ['/front/anomaly_seg: anomaly segmentation',
+                                         '/rear/anomaly_seg: anomaly segmentation']
+    assert [r.hardware_id for r in reports] == ['/front/camera/image_raw', '/rear/image']
+    assert [dict(r.values)['camera_info_topic'] for r in reports] == [
+        '/front/camera/camera_info', '/rear/camera_info']
+    assert expand_topic('/anomaly_seg', 'image') == '/image'
+    assert expand_topic('/a/b/anomaly_seg', 'image/compressed') == '/a/b/image/compressed'
+    assert expand_topic('/a/anomaly_seg', '/camera/image_raw') == '/camera/image_raw'
+
+
+def test_device_auto_is_the_default_and_only_warns_on_the_cpu(
+        transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    """The shipped defaults on a machine without a GPU used to be a permanent ERROR."""
+    why = ('device cuda asked but torch is not installed and onnxruntime has no GPU provider: '
+           'fell back to onnxruntime on the CPU')
+    loader = FakeLoader(run_device='cpu', reason=why)  # what backends.load('auto') does
+    core = NodeCore(transport, loader=loader, monotonic_ns=clock)
+    try:
+        core.configure({'artifact': str(artifact)})  # every other parameter at its default
+        assert loader.calls[0][1:4] == ('auto', 'cuda', 'fp16')
+        report = core.diagnostics()
+        assert report.level == WARN
+        assert report.message == f'no GPU: running on the CPU ({why}); expect a low frame rate'
+        assert dict(report.values)['device_asked'] == 'auto'
+        assert not [m for level, m in transport.logs if level == 'error']
+        assert any('no GPU: inference runs on the CPU' in m for m in transport.warnings())
+    finally:
+        core.shutdown()
+
+
+def test_device_auto_with_a_named_backend_falls_back_to_the_cpu(
+        transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    no_gpu = "device cuda asked, but this onnxruntime offers only ['CPUExecutionProvider']"
+    loader = FakeLoader(no_gpu=no_gpu)
+    core = NodeCore(transport, loader=loader, monotonic_ns=clock)
+    try:
+        core.configure(_params(artifact, device='auto', precision='fp16'))
+        assert [call[2:4] for call in loader.calls] == [('cuda', 'fp16'), ('cpu', 'fp32')]
+        report = core.diagnostics()
+        assert report.level == WARN and report.message.startswith(
+            f'no GPU: running on the CPU (device auto, onnxruntime has no GPU here: {no_gpu})')
+    finally:
+        core.shutdown()
+    tensorrt = NodeCore(transport, loader=FakeLoader(no_gpu='torch sees no CUDA device'),
+                        monotonic_ns=clock)
+    with pytest.raises(BackendError, match='torch sees no CUDA device'):
+        tensorrt.configure(_params(artifact, device='auto', backend='tensorrt'))
+    assert tensorrt.diagnostics().level == ERROR
+
+
+def test_diagnostics_show_every_condition_worst_first(
+        transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    """A CPU fallback of an explicit cuda used to hide that no input arrives."""
+    core = NodeCore(transport, loader=FakeLoader(run_device='cpu'), monotonic_ns=clock)
+    try:
+        core.configure(_params(artifact, device='cuda', backend='auto'))
+        core.activate()
+        clock.ns += 2_500_000_000
+        report = core.diagnostics()
+    finally:
+        core.shutdown()
+    assert report.level == ERROR
+    assert report.message == (
+        'running on the CPU although device cuda was asked for: requested; fix the CUDA '
+        'install or set device auto; no input on /image for 2.5 s; check the remap and QoS '
+        '(input_reliability)')
+
+
+def test_lost_frames_are_estimated_from_stamp_gaps() -> None:
+    ms = 1_000_000
+    # 100 ms camera: gaps of 1, 2, 1 and 4 periods hide 0 + 1 + 0 + 3 frames.
+    assert estimate_loss([0, 100 * ms, 300 * ms, 400 * ms, 800 * ms], 100 * ms) == 4
+    # Backwards (a looping bag) and longer than 10 periods (a restart): discontinuities.
+    assert estimate_loss([0, 200 * ms, 100 * ms, 3000 * ms, 3200 * ms], 100 * ms) == 2
+    assert estimate_loss([0, 110 * ms, 190 * ms, 310 * ms], 100 * ms) == 0  # jitter
+    assert nominal_period_ns(12.5, [], []) == (80 * ms, 'camera_rate')
+    info = [k * 100 * ms for k in (0, 1, 2, 4, 5, 6)]  # camera_info: one lost, median 100 ms
+    assert nominal_period_ns(0.0, info, []) == (100 * ms, 'camera_info')
+    images = [k * 100 * ms for k in (0, 1, 3, 4, 7, 9, 10, 13, 14, 17, 20)]
+    assert nominal_period_ns(0.0, info[:3], images) == (100 * ms, 'image stamps')
+    assert nominal_period_ns(0.0, [], images[:3]) is None
+
+
+def test_diagnostics_warn_when_frames_are_lost_before_the_node(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    """720p best effort: a 10 Hz camera of which a third arrives (every third frame)."""
+    core.configure(_params(artifact))
+    core.activate()
+
+    def third(k: int) -> ImageFields | None:
+        return _image(1, 1, stamp=_START + k * 100_000_000) if k % 3 == 0 else None
+
+    _feed(core, clock, third, seconds=6.0, camera_info=True)
+    report = core.diagnostics()
+    values = dict(report.values)
+    # The window (5 s) holds frames 12, 15, ..., 57: 16 arrived, 15 gaps of 3 periods.
+    assert (values['frames_lost_estimate'], values['frame_loss_ratio']) == ('30', '0.652')
+    assert (values['camera_rate_hz'], values['camera_rate_source']) == ('10.00', 'camera_info')
+    assert report.level == WARN and report.message == (
+        'about 30 of 46 frames (65 %) never reached the node (header stamp gaps against 10.0 Hz '
+        'from camera_info); for large images raise the DDS receive buffer (README, QoS and '
+        'threading) or set input_reliability reliable')
+
+
+def test_lost_frames_against_camera_rate_and_none_lost(
+        transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core = NodeCore(transport, loader=FakeLoader(), monotonic_ns=clock)
+    try:
+        core.configure(_params(artifact, camera_rate=10.0, input_reliability='reliable'))
+        core.activate()
+        _feed(core, clock, lambda k: _image(1, 1, stamp=_START + k * 100_000_000)
+              if k % 2 else None, seconds=6.0)
+        report = core.diagnostics()
+        assert dict(report.values)['camera_rate_source'] == 'camera_rate'
+        assert report.message.endswith('raise the DDS receive buffer (README, QoS and threading)')
+        _feed(core, clock, lambda k: _image(1, 1, stamp=_START + k * 100_000_000), seconds=6.0)
+        report = core.diagnostics()
+        assert dict(report.values)['frames_lost_estimate'] == '0' and report.level == OK
+    finally:
+        core.shutdown()
+    assert SPECS['input_reliability'].choices == ('best_effort', 'reliable')
+    assert SPECS['input_reliability'].default == 'best_effort'
 
 
 def test_onnxruntime_end_to_end(tmp_path: Path) -> None:
@@ -733,3 +1003,269 @@ def test_node_logic_imports_neither_rclpy_nor_torch() -> None:
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == '[]'
+
+
+# Pixel budget ------------------------------------------------------------------------------
+
+def _png(rgb: np.ndarray, header: Any) -> SimpleNamespace:
+    ok, png = cv2.imencode('.png', np.ascontiguousarray(rgb[..., ::-1]))
+    assert ok
+    return SimpleNamespace(header=header, format='png', data=png.reshape(-1))
+
+
+def test_max_input_pixels_drops_larger_raw_and_compressed_frames(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    assert SPECS['max_input_pixels'].default == MAX_PIXELS == 9_123_840
+    assert validate_params({'max_input_pixels': MAX_SIDE ** 2}).max_input_pixels == 2 ** 28
+    raw = _image(4, 150)  # 8 x 12 = 96 pixels
+    compressed = _png(decode_image(raw), raw.header)
+    core.configure(_params(artifact, max_input_pixels=95))
+    core.process(_frame(raw, clock))
+    assert core.stats.counts['rejected_decode'] == 1 and not transport.published
+    assert transport.warnings()[0].endswith(
+        'Image is 8 x 12, 96 pixels, above the budget of 95 pixels (max_input_pixels); raise '
+        'max_input_pixels for this camera, or check the publisher')
+    core.process(_frame(compressed, clock, compressed=True))
+    assert core.stats.counts['rejected_decode'] == 2 and not transport.published
+    reason = core.stats.snapshot(clock()).last_reasons['rejected_decode']
+    assert 'declares a 8 x 12 image, 96 pixels, above the budget of 95 pixels' in reason
+    assert 'read at configure' in core.update_parameters({'max_input_pixels': 96})
+    core.cleanup()
+    assert core.update_parameters({'max_input_pixels': 96}) is None
+    core.configure(_params(artifact, max_input_pixels=96))  # exactly the budget: taken
+    core.process(_frame(raw, clock))
+    core.process(_frame(compressed, clock, compressed=True))
+    assert core.stats.counts['processed'] == 2
+
+
+# Anomaly objects ---------------------------------------------------------------------------
+
+def _object_frame(road_rows: slice = slice(0, 8)) -> ImageFields:
+    """8 x 12: score 200 in rows 2..5, columns 4..7 (2 x 2 network pixels), 0 elsewhere;
+    labels road (red 0) in ``road_rows``, car (red 1) elsewhere."""
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[..., 0] = 1
+    rgb[road_rows, :, 0] = 0
+    rgb[2:6, 4:8, 1] = 200
+    header = SimpleNamespace(stamp=SimpleNamespace(sec=999, nanosec=0), frame_id='cam')
+    return encode_image(rgb, 'rgb8', header)
+
+
+def test_object_defaults_are_the_replays() -> None:
+    from anomaly_seg_node.replay_command import OBJECT_DEFAULTS
+
+    assert [SPECS[f'objects_{name}'].default for name in ('margin_px', 'merge_px',
+                                                           'min_area_px', 'max')] == [
+        OBJECT_DEFAULTS[name] for name in ('margin', 'merge', 'min_area', 'max')]
+    assert SPECS['objects_drivable_classes'].default == ['auto']
+
+
+@pytest.mark.parametrize('resolution, found_box', [('input', (4, 2, 4, 4)),
+                                                   ('network', (2, 1, 2, 2))])
+def test_objects_are_found_and_their_boxes_are_in_input_pixels(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock,
+        resolution: str, found_box: tuple[int, int, int, int]) -> None:
+    core.configure(_params(artifact, output_resolution=resolution, objects_min_area_px=1))
+    transport.subscribers = {OBJECTS_TOPIC: 1}
+    msg = _object_frame()
+    core.process(_frame(msg, clock))
+    assert transport.topics() == [OBJECTS_TOPIC]  # no image output is published for nobody
+    out = transport.last(OBJECTS_TOPIC)
+    assert isinstance(out, ObjectsOut) and out.header is msg.header
+    (obj,) = out.objects
+    # 2 x 2 network pixels of score 200; at input resolution the bilinear upsampling puts rows
+    # 2..5 and columns 4..7 above the threshold 100 (the edge rows interpolate to 150 > 100).
+    assert obj.box == found_box and obj.max_score == 200.0
+    assert out.boxes == ((4, 2, 4, 4),)  # input pixels either way
+    assert obj.confidence == pytest.approx(1.0)  # logistic: 100 score units above
+    values = dict(core.diagnostics().values)
+    assert values['objects_per_frame_mean'] == '1.000' and values['objects_confidence'] == (
+        'logistic')
+    clock.ns += 6 * 10**9  # the window ages out
+    assert 'objects_per_frame_mean' not in dict(core.diagnostics().values)
+
+
+def test_objects_are_computed_for_their_subscribers_and_the_overlay_only(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    assert wants_objects(True, set()) and wants_objects(False, {'overlay'})
+    assert not wants_objects(False, {'semantic_mask', 'anomaly_mask'})
+    core.configure(_params(artifact, objects_min_area_px=1))
+    transport.subscribers = {'semantic_mask': 1}
+    core.process(_frame(_object_frame(), clock))
+    assert transport.topics() == ['semantic_mask']
+    assert 'objects_per_frame_mean' not in dict(core.diagnostics().values)  # not computed
+    transport.subscribers = {'overlay': 1}  # the overlay draws the boxes
+    core.process(_frame(_object_frame(), clock))
+    assert transport.topics() == ['semantic_mask', 'overlay']
+    overlay = decode_image(transport.last('overlay'), 'native')
+    assert tuple(overlay[2, 4]) == DEFAULT_BOX_COLOR  # the box's top-left corner
+    assert tuple(overlay[0, 0]) != DEFAULT_BOX_COLOR
+    assert dict(core.diagnostics().values)['objects_per_frame_mean'] == '1.000'
+    transport.subscribers = {}
+    core.process(_frame(_object_frame(), clock))
+    assert core.stats.counts['skipped_unsubscribed'] == 1
+
+
+def test_objects_drivable_restriction_and_run_time_changes(
+        core: NodeCore, transport: FakeTransport, artifact: Path, clock: FakeClock) -> None:
+    core.configure(_params(artifact, objects_min_area_px=1))  # drivable: [auto] = road
+    transport.subscribers = {OBJECTS_TOPIC: 1}
+    assert core.object_params.drivable_ids == (0,)
+    assert any('anomaly objects: on road (margin 16 px)' in m for _, m in transport.logs)
+
+    def boxes() -> tuple:
+        core.process(_frame(_object_frame(road_rows=slice(6, 8)), clock))
+        return transport.last(OBJECTS_TOPIC).boxes
+
+    # The object's pixels are car, the road begins at row 6: within the 16 px margin.
+    assert boxes() == ((4, 2, 4, 4),)
+    assert core.update_parameters({'objects_margin_px': 0}) is None
+    assert boxes() == ()
+    assert core.update_parameters({'objects_margin_px': 1}) is None
+    assert boxes() == ((4, 5, 4, 1),)  # the one row next to the road
+    assert core.update_parameters({'objects_drivable_classes': ['none']}) is None
+    assert boxes() == ((4, 2, 4, 4),)
+    reason = core.update_parameters({'objects_drivable_classes': ['bike'],
+                                     'overlay_alpha': 0.1})
+    assert reason == ("parameter objects_drivable_classes names ['bike'], which are not classes "
+                      'of the artifact; choose among road, car, sky, or [auto] or [none]')
+    assert core.config.overlay_alpha == 0.5  # nothing of a refused batch is applied
+    assert core.update_parameters({'objects_min_area_px': 17}) is None
+    assert boxes() == ()  # 16 pixels
+    assert core.update_parameters({'objects_min_area_px': 16}) is None
+    assert boxes() == ((4, 2, 4, 4),)
+    assert core.update_parameters({'anomaly_threshold': 'fpr1'}) is None  # 200: score > 200?
+    assert core.object_params.threshold == 200.0
+    assert boxes() == ()
+
+
+def test_unknown_drivable_classes_fail_configure(core: NodeCore, loader: FakeLoader,
+                                                 artifact: Path) -> None:
+    with pytest.raises(ConfigError, match='choose among road, car, sky'):
+        core.configure(_params(artifact, objects_drivable_classes=['Road']))
+    assert core.state == 'unconfigured' and not loader.calls
+
+
+def test_drivable_class_ids() -> None:
+    assert drivable_class_ids(['auto'], ['road', 'car']) == (0,)
+    assert drivable_class_ids(['auto'], ['unlabeled', 'road line', 'road']) == (1, 2)
+    assert drivable_class_ids(['auto'], ['r', 'g', 'b']) == ()  # no road: anywhere
+    assert drivable_class_ids(['none'], ['road']) == drivable_class_ids([], ['road']) == ()
+    assert drivable_class_ids(['car', 'road', 'car'], ['road', 'car']) == (0, 1)
+    with pytest.raises(ConfigError, match=r"names \['sky'\].*choose among road, car"):
+        drivable_class_ids(['sky'], ['road', 'car'])
+    demo = yaml.safe_load((REPO / 'models' / 'demo.json').read_text())
+    assert [demo['classes'][i] for i in drivable_class_ids(['auto'], demo['classes'])] == [
+        'road line', 'road']
+
+
+def test_object_confidence_from_the_sidecar_fpr_thresholds(
+        tmp_path: Path, transport: FakeTransport, clock: FakeClock) -> None:
+    path = _write_artifact(tmp_path, {'tpr95': 100.0, 'fpr1': 150.0, 'fpr0.1': 250.0})
+    core = NodeCore(transport, loader=FakeLoader(), monotonic_ns=clock)
+    try:
+        core.configure(_params(path, objects_min_area_px=1))
+        assert core.fpr_table == {150.0: 0.01, 250.0: 0.001}
+        assert any(m.endswith('confidence 1 - false-alarm rate of the max score (sidecar '
+                              'fpr0.1, fpr1)') for _, m in transport.logs)
+        transport.subscribers = {OBJECTS_TOPIC: 1}
+        core.process(_frame(_object_frame(), clock))
+        (obj,) = transport.last(OBJECTS_TOPIC).objects
+        # max score 200, halfway (in score) from fpr 1 % to 0.1 %: 10 ** -2.5 in log space
+        assert obj.confidence == pytest.approx(1 - 10 ** -2.5)
+        assert dict(core.diagnostics().values)['objects_confidence'] == 'fpr table'
+    finally:
+        core.shutdown()
+
+
+def test_network_box_to_input() -> None:
+    letterbox = plan_fit((12, 12), (NET_H, NET_W), 'letterbox')  # picture in columns 1..4
+    assert letterbox.net_box == (0, 1, 4, 4)
+    assert network_box_to_input((1, 0, 4, 4), letterbox) == (0, 0, 12, 12)
+    assert network_box_to_input((2, 1, 1, 2), letterbox) == (3, 3, 3, 6)
+    assert network_box_to_input((2, 1, 1, 2), letterbox, (1, 2)) == (5, 4, 3, 6)  # the crop
+    assert network_box_to_input((0, 0, 6, 4), letterbox) == (0, 0, 12, 12)  # bars clipped
+    centre = plan_fit((12, 12), (NET_H, NET_W), 'crop_center')  # rows 2..9 seen
+    assert network_box_to_input((0, 0, 6, 4), centre) == (0, 2, 12, 8)
+    stretch = plan_fit((12, 18), (NET_H, NET_W), 'stretch')  # x 1/3 exactly: no extra pixel
+    assert network_box_to_input((1, 1, 1, 1), stretch) == (3, 3, 3, 3)
+
+
+# Stand-ins with the fields and defaults of vision_msgs 4 (ros-perception/vision_msgs, ros2:
+# msg/Detection2DArray, Detection2D, ObjectHypothesisWithPose, BoundingBox2D, Pose2D, Point2D).
+
+@dataclasses.dataclass
+class _Point2D:
+    x: float = 0.0
+    y: float = 0.0
+
+
+@dataclasses.dataclass
+class _Pose2D:
+    position: _Point2D = dataclasses.field(default_factory=_Point2D)
+    theta: float = 0.0
+
+
+@dataclasses.dataclass
+class _BoundingBox2D:
+    center: _Pose2D = dataclasses.field(default_factory=_Pose2D)
+    size_x: float = 0.0
+    size_y: float = 0.0
+
+
+@dataclasses.dataclass
+class _ObjectHypothesis:
+    class_id: str = ''
+    score: float = 0.0
+
+
+@dataclasses.dataclass
+class _ObjectHypothesisWithPose:
+    hypothesis: _ObjectHypothesis = dataclasses.field(default_factory=_ObjectHypothesis)
+    pose: Any = None
+
+
+@dataclasses.dataclass
+class _Detection2D:
+    header: Any = None
+    results: list = dataclasses.field(default_factory=list)
+    bbox: _BoundingBox2D = dataclasses.field(default_factory=_BoundingBox2D)
+    id: str = ''
+
+
+@dataclasses.dataclass
+class _Detection2DArray:
+    header: Any = None
+    detections: list = dataclasses.field(default_factory=list)
+
+
+def _object(x: int, y: int, width: int, height: int, confidence: float) -> AnomalyObject:
+    return AnomalyObject(x=x, y=y, width=width, height=height, area=width * height,
+                         mean_score=3.0, max_score=4.0, confidence=confidence,
+                         centroid_x=x + width / 2, centroid_y=y + height / 2)
+
+
+def test_detection_array_message_fields() -> None:
+    header = SimpleNamespace(stamp=SimpleNamespace(sec=5, nanosec=7), frame_id='cam')
+    # Found on network maps (boxes there), published with their boxes in input pixels.
+    payload = ObjectsOut(header=header, objects=(_object(2, 1, 2, 2, 0.75),
+                                                 _object(0, 0, 1, 1, 0.5)),
+                         boxes=((4, 2, 4, 4), (0, 0, 3, 1)))
+    msg = detection_array_message(payload, _Detection2DArray, _Detection2D,
+                                  _ObjectHypothesisWithPose)
+    assert isinstance(msg, _Detection2DArray) and msg.header is header
+    first, second = msg.detections
+    assert first.header is header and (first.id, second.id) == ('0', '1')
+    ((hypothesis,),) = [first.results]
+    assert (hypothesis.hypothesis.class_id, hypothesis.hypothesis.score) == ('anomaly', 0.75)
+    box = first.bbox
+    assert (box.center.position.x, box.center.position.y, box.center.theta) == (6.0, 4.0, 0.0)
+    assert (box.size_x, box.size_y) == (4.0, 4.0)
+    assert (second.bbox.center.position.x, second.bbox.center.position.y) == (1.5, 0.5)
+    assert second.results[0].hypothesis.score == 0.5
+    # rosidl's float64 setters refuse ints
+    assert all(type(v) is float for v in (box.center.position.x, box.size_x,
+                                           hypothesis.hypothesis.score))
+    empty = detection_array_message(ObjectsOut(header, (), ()), _Detection2DArray,
+                                    _Detection2D, _ObjectHypothesisWithPose)
+    assert empty.detections == [] and empty.header is header

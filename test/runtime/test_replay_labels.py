@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from anomaly_seg_node import backends, cli
+from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
 from anomaly_seg_node.bag_reader import choose_topics, open_bag, ros2_type_name
 from anomaly_seg_node.labels import class_names, label_spec, palette
 from anomaly_seg_node.pipeline import FramePipeline
 from anomaly_seg_node.replay import Replay
+from anomaly_seg_tools import cli
 from training.synth.bag import write_bag
 
 CLASSES = class_names()

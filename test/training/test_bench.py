@@ -5,14 +5,16 @@ import json
 from pathlib import Path
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from anomaly_seg_node import backends, bench
+from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import read_sidecar
 from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
+from anomaly_seg_tools import bench
 from training.export import DeployModel, export_artifact
 
 SIZE = (64, 96)
@@ -86,6 +88,15 @@ def test_bench_measures_every_table_on_a_tiny_artifact(artifact: Path, tmp_path:
     assert set(stages['median_ms']) == expected
     assert stages['copy_bytes'] == 96 * 144 * 9
     assert stages['outside_inference_ms'] > 0
+    objects = stages['objects']
+    assert objects['frame_size']['size'] == [96, 144]
+    assert objects['artifact_size']['size'] == list(SIZE)
+    assert objects['params'] == {'threshold': -1.0, 'merge_distance': 4, 'min_area_px': 50,
+                                 'max_objects': 32, 'drivable_ids': [],
+                                 'confidence': 'logistic'}
+    for row in (objects['frame_size'], objects['artifact_size']):
+        assert 0 < row['median_ms'] <= row['p90_ms']
+        assert 0 <= row['flagged_share'] <= 1 and 0 <= row['objects'] <= 32
 
     ratios = report['ratios']
     for name, target in (('dh_vs_segmentation', 1.03), ('dh_vs_fcn', 1.45),
@@ -99,7 +110,9 @@ def test_bench_measures_every_table_on_a_tiny_artifact(artifact: Path, tmp_path:
     markdown = (out / 'bench.md').read_text()
     assert markdown == bench.format_markdown(report)
     for text in ('| DH |', 'plain ResNet-18 FCN (reference)', '## DH graph per backend',
-                 '| decode * |', 'DH graph / segmentation-only graph', '| <= 1.45 |'):
+                 '| decode * |', 'DH graph / segmentation-only graph', '| <= 1.45 |',
+                 '## Anomaly objects per frame', '| frame size | 96x144 |',
+                 '| artifact size | 64x96 |'):
         assert text in markdown
     assert markdown in bench.format_human(report)
 
@@ -157,6 +170,34 @@ def test_frame_stages_separate_the_graph_from_conversion(artifact: Path) -> None
     assert len(stages['_outside_samples']) == len(stages['_copy_samples']) == 2
 
 
+def test_frame_stages_time_the_objects_of_a_known_score(artifact: Path) -> None:
+    """A score of 5 on one 20x30 block of a 96x144 frame (threshold -1 of the sidecar: 0 is
+    below it): one object, 600 / 13824 pixels above the threshold; at the 64x96 artifact size
+    the block is 2/3 as wide and high."""
+    segmenter = backends.load(artifact, 'onnxruntime')
+    real = segmenter.session
+
+    class BlockSession:
+        def run(self, names, feed, *args, **kwargs):
+            outputs = real.run(names, feed, *args, **kwargs)
+            score = np.full_like(outputs[1], -5.0)
+            score[:, 30:50, 60:90] = 5.0  # network pixels of the 64x96 input
+            return [outputs[0], score]
+
+        def get_providers(self):
+            return real.get_providers()
+
+    segmenter.session = BlockSession()
+    stages = bench.frame_stages(segmenter, (96, 144), 'rgb8', warmup=0, iterations=2)
+    objects = stages['objects']
+    assert objects['frame_size']['objects'] == objects['artifact_size']['objects'] == 1
+    # the block is 30x45 frame pixels (bilinear edges aside) and 20x30 at the artifact size
+    assert objects['frame_size']['flagged_share'] == pytest.approx(30 * 45 / (96 * 144),
+                                                                   rel=0.1)
+    assert objects['artifact_size']['flagged_share'] == pytest.approx(600 / (64 * 96),
+                                                                      rel=0.1)
+
+
 def test_siblings_must_match_and_bad_options_fail_clearly(artifact: Path,
                                                           tmp_path: Path) -> None:
     sidecar = read_sidecar(artifact)
@@ -194,9 +235,9 @@ def test_siblings_must_match_and_bad_options_fail_clearly(artifact: Path,
 def test_cli_runs_bench_and_reports_errors(artifact: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from anomaly_seg_node import cli
+    from anomaly_seg_tools import cli
 
-    monkeypatch.setitem(cli.COMMANDS, 'bench', ('anomaly_seg_node.bench', 'Table II analogue'))
+    monkeypatch.setitem(cli.COMMANDS, 'bench', ('anomaly_seg_tools.bench', 'Table II analogue'))
     assert cli.main(['--json', 'bench', '--artifact', str(artifact), '--iterations', '1',
                      '--warmup', '0', '--backends', 'onnxruntime', '--out', str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -115,29 +115,44 @@ ENV = {'gpu': 'Stand-in GPU', 'compute_capability': '0.0', 'torch': torch.__vers
 
 
 class StandInCompiler:
-    """torch_tensorrt's compile/save contract on the CPU: the 'engine' is the graph itself,
-    re-exported (optionally with its score shifted, as a broken engine would be)."""
+    """torch_tensorrt 2.14's compile/save contract on the CPU: the 'engine' is the graph
+    itself, re-exported (optionally with its score shifted, as a broken engine would be).
+
+    The signatures are the head of torch-tensorrt 2.14's `torch_tensorrt.dynamo.compile` and
+    `torch_tensorrt.save`, including their **kwargs, which swallow unknown keywords (such as
+    the retired enabled_precisions / use_explicit_typing): what lands there is recorded, and
+    the tests require it to be empty.
+    """
 
     def __init__(self, shift: float = 0.0, fail: bool = False, fail_save: bool = False) -> None:
         self.shift = shift
         self.fail = fail
         self.fail_save = fail_save
         self.calls: list[dict[str, Any]] = []
+        self.saves: list[dict[str, Any]] = []
 
-    def compile(self, exported_program: Any, inputs: Any = None, *,
-                enabled_precisions: Any = None, disable_tf32: bool = False) -> Any:
-        self.calls.append({'inputs': inputs, 'enabled_precisions': enabled_precisions,
-                           'disable_tf32': disable_tf32})
+    def compile(self, exported_program: Any, inputs: Any = None, *, arg_inputs: Any = None,
+                kwarg_inputs: Any = None, device: Any = None, disable_tf32: bool = False,
+                min_block_size: int = 5, enable_autocast: bool = False,
+                autocast_low_precision_type: Any = None, **kwargs: Any) -> Any:
+        self.calls.append({'inputs': inputs, 'arg_inputs': arg_inputs,
+                           'disable_tf32': disable_tf32, 'enable_autocast': enable_autocast,
+                           'autocast_low_precision_type': autocast_low_precision_type,
+                           'ignored': kwargs})
         if self.fail:
             raise RuntimeError('unsupported operator aten::stand_in')
         return _Shifted(exported_program.module(), self.shift)
 
-    def save(self, module: Any, file_path: str, *, output_format: str, inputs: Any) -> None:
-        assert output_format == 'exported_program'
+    def save(self, module: Any, file_path: str = '', *, extra_files: Any = None,
+             output_format: str = 'exported_program', inputs: Any = None,
+             arg_inputs: Any = None, kwarg_inputs: Any = None, retrace: bool = True,
+             **kwargs: Any) -> None:
+        self.saves.append({'output_format': output_format, 'inputs': inputs,
+                           'arg_inputs': arg_inputs, 'ignored': kwargs})
         if self.fail_save:
             Path(file_path).write_bytes(b'half an engine')
             raise OSError('disk full')
-        torch.export.save(torch.export.export(module, tuple(inputs)), file_path)
+        torch.export.save(torch.export.export(module, tuple(arg_inputs)), file_path)
 
 
 class _Shifted(torch.nn.Module):
@@ -180,14 +195,17 @@ def test_build_verify_cache_and_reuse_with_a_stand_in(stand_in: Any, artifact: P
     assert [level for level, message in logs if 'BUILDING A TENSORRT ENGINE (fp32)' in message] \
         == ['warning']
     call, = compiler.calls
-    assert call['enabled_precisions'] == {torch.float32} and call['disable_tf32'] is True
-    assert call['inputs'][0].shape == (BATCH, 3, *SIZE)
+    assert call['disable_tf32'] is True and call['enable_autocast'] is False
+    assert call['inputs'] is None and call['arg_inputs'][0].shape == (BATCH, 3, *SIZE)
+    assert call['ignored'] == {}
+    save, = compiler.saves
+    assert save['output_format'] == 'exported_program' and save['ignored'] == {}
+    assert save['inputs'] is None and save['arg_inputs'][0].shape == (BATCH, 3, *SIZE)
     record = read_record(record_path(engine))
     assert record.key == backends.engine_cache_key(sidecar, 'fp32', ENV)
     assert record.engine == engine.name and record.passed
     assert record.verification['images'] == 3
-    assert record.build['options'] == {'disable_tf32': True,
-                                       'enabled_precisions': ['torch.float32']}
+    assert record.build['options'] == {'disable_tf32': True}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([engine.name,
                                                                  record_path(engine).name])
     # The saved engine is what the runtime loads.
@@ -206,11 +224,34 @@ def test_build_verify_cache_and_reuse_with_a_stand_in(stand_in: Any, artifact: P
 
 def test_engine_that_disagrees_is_not_cached(stand_in: Any, artifact: Path,
                                              tmp_path: Path) -> None:
-    stand_in(StandInCompiler(shift=0.5))
+    compiler = stand_in(StandInCompiler(shift=0.5))
     with pytest.raises(BackendError, match='the fp16 engine of swift.pt2 disagrees with the '
                                            'FP32 graph .*It was not cached.*--precision fp32'):
         build_engine.build_engine(read_sidecar(artifact), 'fp16', tmp_path,
                                   CalibrationSource(synthetic=2), log=_logs()[1])
+    assert list(tmp_path.iterdir()) == []
+    call, = compiler.calls  # fp16 through 2.14's rule-based autocast, strong typing kept
+    assert call['enable_autocast'] is True
+    assert call['autocast_low_precision_type'] is torch.float16
+    assert call['disable_tf32'] is False and call['ignored'] == {}
+
+
+class OlderCompiler(StandInCompiler):
+    """A torch-tensorrt before autocast (enabled_precisions picked fp16 kernels)."""
+
+    def compile(self, exported_program: Any, inputs: Any = None, *, arg_inputs: Any = None,
+                disable_tf32: bool = False, enabled_precisions: Any = None,
+                **kwargs: Any) -> Any:
+        raise AssertionError('not called: the build refuses this API first')
+
+
+def test_another_torch_tensorrt_generation_is_refused(stand_in: Any, artifact: Path,
+                                                      tmp_path: Path) -> None:
+    stand_in(OlderCompiler())
+    with pytest.raises(BackendError, match='torch_tensorrt 0.0 has no enable_autocast, '
+                                           'autocast_low_precision_type in torch_tensorrt'):
+        build_engine.build_engine(read_sidecar(artifact), 'fp16', tmp_path,
+                                  CalibrationSource(synthetic=1), log=_logs()[1])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -32,14 +32,7 @@ SAMPLE = ROOT / 'samples' / 'camvid'
 CONFIGS = ROOT / 'training' / 'configs'
 K = len(CAMVID_CLASS_NAMES)
 SMALL = (60, 80)  # frames shrunk 6x: fast, still CamVid's 4:3
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _copy_split(frames: list[Path], root: Path, split: str, label_dir: str | None = None,
@@ -204,6 +197,9 @@ def test_evaluates_pasted_camvid_per_recording_with_the_centre_prior(camvid: Pat
     assert m['scores']['DH']['per_image']['ap'] == pytest.approx(1.0)
     assert m['closed_miou'] == pytest.approx(1.0)
     assert set(m['closed_iou']) == set(CAMVID_CLASS_NAMES)
+    components = m['scores']['DH']['components']  # the one recording's tau, set on itself
+    assert components['siou'] == components['ppv'] == components['f1_mean'] == 1.0
+    assert list(components['threshold']['per_town']) == ['Seq05VD']
     prior = m['reference'][CENTRE_PRIOR]['per_image']
     assert 0 < prior['ap'] < 1 and prior['n_images'] == m['scores']['DH']['per_image']['n_images']
     table = (tmp_path / 'ev' / 'table.md').read_text()
@@ -225,6 +221,7 @@ def test_plain_frames_give_flag_rates_and_folders_take_conventions(camvid: Path,
     m = run_evaluation(_oracle(camvid, 'test', bump=0.25), facts, camvid, ['DH'],
                        tmp_path / 'plain', progress=False)
     assert 'no anomaly pixel' in m['note'] and 'reference' not in m
+    assert 'components' not in m['scores']['DH']  # no anomaly: no component to find
     flagged = m['scores']['DH']['thresholds']
     assert flagged['low']['inlier_flagged'] == 1.0 and flagged['high']['inlier_flagged'] == 0.0
     assert m['closed_miou'] == pytest.approx(1.0)

@@ -9,8 +9,8 @@ import cv2
 import pytest
 from test_export import tiny_segmenter
 
-from anomaly_seg_node import cli, demo
 from anomaly_seg_node.errors import ConfigError
+from anomaly_seg_tools import cli, demo
 from training.export import DeployModel, export_artifact
 
 FRAMES = 6  # of the committed sample, each with pasted anomalies
@@ -68,6 +68,23 @@ def test_demo_writes_every_output_and_the_table(artifacts: dict[str, Path], tmp_
     assert '| chance (anomaly pixel share) |' in summary and '# anomaly-seg replay' in summary
     human = demo.format_human(report)
     assert '| DH (this model) |' in human and 'contact_sheet' in human
+    # the component figures of the replay, printed under the table
+    components = metrics['metrics']['components']
+    figures = table['components']
+    assert figures['siou'] == components['mask']['siou']
+    assert figures['f1_mean'] == components['mask']['f1_mean']
+    assert figures['recall'] == components['boxes']['recall']
+    assert figures['objects_per_frame'] == components['boxes']['objects_per_frame']
+    assert figures['threshold'] == metrics['artifact']['threshold']
+    line = demo.component_line(figures)
+    assert line in human and line in summary
+    assert human.index('| chance (anomaly pixel share) |') < human.index(line)
+    name = metrics['artifact']['threshold_name']
+    where = (f'the default threshold ({name} = ' if name else 'the threshold ') + \
+        f'{figures["threshold"]:.4g}'
+    assert line.startswith(f'Components at {where}'), line
+    assert f'mean F1 {100 * figures["f1_mean"]:.2f}; objects: recall ' in line
+    assert f'at box IoU ≥ 0.5, {figures["objects_per_frame"]:.2f} per frame.' in line
 
 
 def test_baseline_card_is_written_then_printed(artifacts: dict[str, Path], tmp_path: Path,
@@ -102,6 +119,21 @@ def test_baseline_card_is_written_then_printed(artifacts: dict[str, Path], tmp_p
         assert 'unreadable' in broken['table']['note']
     finally:
         beside.unlink()
+
+
+def test_component_line_known_answers() -> None:
+    figures = {'threshold': -6.453124523162842, 'threshold_name': 'fpr1', 'siou': 0.25,
+               'ppv': 0.5, 'f1_mean': 0.125, 'iou_threshold': 0.5, 'recall': 0.75,
+               'precision': 0.6, 'objects_per_frame': 2.5}
+    assert demo.component_line(figures) == (
+        'Components at the default threshold (fpr1 = -6.453): sIoU 25.00, PPV 50.00, mean F1 '
+        '12.50; objects: recall 75.00, precision 60.00 at box IoU ≥ 0.5, 2.50 per frame.')
+    # a drive without anomalies has no sIoU or recall; a threshold without a name
+    none = {**figures, 'threshold_name': None, 'siou': None, 'recall': None, 'f1_mean': None}
+    assert demo.component_line(none) == (
+        'Components at the threshold -6.453: sIoU n/a, PPV 50.00, mean F1 n/a; objects: recall '
+        'n/a, precision 60.00 at box IoU ≥ 0.5, 2.50 per frame.')
+    assert demo.component_figures({'metrics': {'skipped': 'no labels'}}) is None
 
 
 def test_card_needs_a_baseline_and_a_missing_artifact_is_skipped(

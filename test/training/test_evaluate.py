@@ -73,6 +73,16 @@ def test_perfect_oracle_scores_full_marks(data, truth, tmp_path):
     assert dh['open_miou'] == pytest.approx(1.0)
     assert all(t['anomaly_iou'] == pytest.approx(1.0) for t in dh['open_per_town'].values())
     assert m['towns'] == {'t5': 3, 't6': 3} and m['images'] == 6
+    # a perfect mask at each town's open-mIoU threshold: every component found, no false one
+    components = dh['components']
+    assert components['siou'] == components['ppv'] == components['f1_mean'] == 1.0
+    assert components['n_gt'] == components['n_pred'] > 0
+    assert (components['min_pred_area'], components['min_gt_area']) == (0, 0)
+    threshold = components['threshold']
+    assert threshold['rule'] == 'open_miou' and threshold['name'] == 'tpr95, other town'
+    assert threshold['per_town'] == {t: v['tau'] for t, v in dh['open_per_town'].items()}
+    assert 'without size filters' in m['protocols']['components']
+    assert 'open-mIoU threshold of each town' in m['protocols']['components']
     anomaly = sum(int((ood == 1).sum()) for _, _, ood in truth.values())
     evaluated = sum(int((ood <= 1).sum()) for _, _, ood in truth.values())
     assert m['anomaly_pixel_share'] == pytest.approx(anomaly / evaluated)
@@ -130,6 +140,79 @@ def test_ap_auroc_match_scikit_learn(data, truth, tmp_path):
     assert dh['pooled']['auroc'] == pytest.approx(roc_auc_score(y, s), abs=1e-4)
 
 
+HAND = (40, 60)
+
+
+def _hand_folder(root: Path) -> dict[str, np.ndarray]:
+    """Two images of binary labels (1 anomaly, 0 normal, 255 ignored) and their scores, keyed
+    by image hash. Image 0: anomaly A (6x6) scored with one extra column beside it, a 12 px
+    fragment one pixel further right, a 4 px blob, anomaly B (4x5) missed, a 12 px blob on
+    ignored labels. Image 1: anomaly C (5x5) scored exactly. Scores 1 there, -0.3 elsewhere."""
+    import cv2
+    (root / 'images').mkdir(parents=True)
+    (root / 'labels').mkdir()
+    scores = {}
+    for i in range(2):
+        label = np.zeros(HAND, np.uint8)
+        score = np.full(HAND, -0.3, np.float32)  # not on a histogram bin edge
+        if i == 0:
+            label[5:11, 5:11] = 1
+            score[5:11, 5:12] = score[5:11, 13:15] = score[30:32, 5:7] = 1.0
+            label[25:29, 40:45] = 1
+            label[35:40, 30:40] = 255
+            score[36:39, 32:36] = 1.0
+        else:
+            label[10:15, 20:25] = 1
+            score[10:15, 20:25] = 1.0
+        image = np.full((*HAND, 3), 40 + 100 * i, np.uint8)
+        cv2.imwrite(str(root / 'images' / f'{i}.png'), image)
+        cv2.imwrite(str(root / 'labels' / f'{i}.png'), label)
+        scores[_key(image)] = score
+    return scores
+
+
+def test_component_metrics_of_a_hand_made_mask(tmp_path):
+    """Mask score > 0.5: sIoU A 36/42, B 0, C 1; PPV 36/42, 0 (fragment), 0 (blob), 1; the blob
+    on ignored labels is dropped. TP 2, FN 1, FP 2 at every tau: F1 4/7."""
+    scores = _hand_folder(tmp_path / 'hand')
+
+    def predict(image):
+        return np.zeros(image.shape[:2], np.int64), {'DH': scores[_key(image)]}
+
+    facts = {**FACTS, 'thresholds': {'tpr95': -1.0, 'fpr1': 0.5}, 'default_threshold': 'fpr1'}
+    m = run_evaluation(predict, facts, tmp_path / 'hand', ['DH'], tmp_path / 'out',
+                       progress=False, labels='binary')
+    components = m['scores']['DH']['components']
+    assert components['threshold'] == {'rule': 'default', 'name': 'fpr1', 'value': 0.5}
+    assert (components['n_gt'], components['n_pred']) == (3, 4)
+    assert components['siou'] == pytest.approx((36 / 42 + 0 + 1) / 3)
+    assert components['ppv'] == pytest.approx((36 / 42 + 0 + 0 + 1) / 4)
+    assert components['tp'] == [2] * 11 and components['fn'] == [1] * 11
+    assert components['fp'] == [2] * 11
+    assert components['f1_mean'] == pytest.approx(4 / 7)
+    assert "default threshold 'fpr1' = 0.5" in m['protocols']['components']
+    assert m['closed_miou'] is None  # binary labels: the components need no class ids
+    table = (tmp_path / 'out' / 'table.md').read_text()
+    assert '| DenseHybrid | DH | fpr1 = 0.5 | 61.90 | 46.43 | 57.14 | 3 / 4 |' in table
+    row = evaluate_command._row(m['scores']['DH'])
+    assert (row['sIoU'], row['PPV'], row['mean_F1']) == (61.9, 46.43, 57.14)
+    assert row['component_threshold'] == 'fpr1 = 0.5'
+
+    # without a default threshold: the open-mIoU rule, on the only group itself. B is never
+    # scored, so TPR > 0.95 needs a threshold below -0.3: everything is flagged, one component
+    # per image over all its evaluated pixels (2350 and 2400), none good enough
+    m = run_evaluation(predict, FACTS, tmp_path / 'hand', ['DH'], tmp_path / 'out2',
+                       progress=False, labels='binary')
+    components = m['scores']['DH']['components']
+    assert components['threshold']['rule'] == 'open_miou'
+    assert components['threshold']['per_town']['all'] < -0.3
+    assert (components['n_gt'], components['n_pred']) == (3, 2)
+    assert components['siou'] == pytest.approx((36 / 2330 + 20 / 2314 + 25 / 2400) / 3)
+    assert components['ppv'] == pytest.approx((56 / 2350 + 25 / 2400) / 2)
+    assert components['f1_mean'] == 0.0
+    assert 'open-mIoU threshold of each town' in m['protocols']['components']
+
+
 def _checkpoint(path: Path, outlier_head: bool = True) -> Path:
     torch.manual_seed(0)
     model = SwiftNet(K, outlier_head=outlier_head)
@@ -161,6 +244,12 @@ def test_command_on_a_tiny_checkpoint(data, tmp_path):
                             '--device', 'cpu'])
     assert summary['method'] == 'densehybrid' and summary['images'] == 6
     metrics = json.loads((out / 'metrics.json').read_text())
+    for score in ('DH', 'OP', 'OPxMS', 'JSD'):
+        components = metrics['scores'][score]['components']
+        row = summary['scores'][score]
+        assert row['component_threshold'].startswith('tpr95, other town (t5 ')
+        assert row['sIoU'] == round(100 * components['siou'], 2)
+        assert 0 <= components['f1_mean'] <= 1
     assert list(metrics['scores']) == ['DH', 'OP', 'OPxMS', 'JSD']
     assert metrics['scores']['OP']['temperature'] == 2.0
     assert metrics['scores']['DH']['temperature'] is None
@@ -227,7 +316,7 @@ def test_artifact_evaluation_matches_the_checkpoint(data, tmp_path):
 
 
 def test_cli_runs_evaluate_and_prints_json(data, tmp_path, monkeypatch, capsys):
-    from anomaly_seg_node import cli
+    from anomaly_seg_tools import cli
     monkeypatch.setitem(cli.COMMANDS, 'evaluate', ('training.evaluate_command', 'evaluate'))
     ckpt = _checkpoint(tmp_path / 'tiny.pt', outlier_head=False)
     code = cli.main(['--json', 'evaluate', '--checkpoint', str(ckpt), '--data', str(data),

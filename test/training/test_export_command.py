@@ -279,15 +279,15 @@ def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
                                  str(tmp_path / 'x')))
     with pytest.raises(SystemExit):
         parse('--random-init', '--checkpoint', 'a.pt', '--out', 'x')
-    assert export_command.parse_size('360x640') == (360, 640)
-    with pytest.raises(argparse.ArgumentTypeError, match='HxW'):
-        export_command.parse_size('360')
+    with pytest.raises(SystemExit):  # sizes below 32 pixels: training.cli_types
+        parse('--random-init', '--out', 'x', '--size', '16x64')
+    assert parse('--random-init', '--out', 'x', '--size', '360x640').size == (360, 640)
     assert not list(tmp_path.iterdir())
 
 
 def test_cli_runs_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture[str]) -> None:
-    from anomaly_seg_node import cli
+    from anomaly_seg_tools import cli
 
     monkeypatch.setattr('training.export.export_artifact', recording_export([]))
     monkeypatch.setitem(cli.COMMANDS, 'export', ('training.export_command', 'export'))

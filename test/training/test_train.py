@@ -10,6 +10,8 @@ import json
 import math
 import os
 from pathlib import Path
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,12 +36,7 @@ TINY = ['data.crop_size=[32,64]', 'data.num_workers=0', 'flow.preset=tiny',
 FAST_METHODS = ('densehybrid', 'nf_hybrid_ldlx')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
@@ -146,9 +143,106 @@ def test_every_method_trains_two_steps_and_evaluate_reads_it(method, data, stage
 
 def test_resume_of_a_finished_run_does_nothing(data, stage1, tmp_path):
     closed_path, _ = stage1
+    run = tmp_path / 'run'
+    shutil.copytree(closed_path.parent.parent, run)
+    before = {p.name: p.stat().st_mtime_ns for p in (run / 'checkpoints').iterdir()}
     cfg = _config('closed_set', data, 'train.max_steps=2')
-    summary = train(cfg, tmp_path, resume=str(closed_path), progress=False)
-    assert summary['steps'] == 2 and 'nothing to do' in summary['note']
+    summary = train(cfg, run, resume='auto', progress=False)
+    assert summary['steps'] == 2 and summary['note'] == (
+        'the run had already finished; nothing to do')
+    assert summary['final_checkpoint'] == str(run / 'checkpoints' / 'final.pt')
+    assert {p.name: p.stat().st_mtime_ns for p in (run / 'checkpoints').iterdir()} == before
+
+
+def test_resume_of_a_finished_run_without_final_pt_writes_it(data, stage1, tmp_path):
+    """A kill between the last step's checkpoint (finished) and final.pt: --resume auto once
+    said 'nothing to do' and reported a final.pt that did not exist."""
+    closed_path, _ = stage1
+    run = tmp_path / 'run'
+    shutil.copytree(closed_path.parent.parent, run)
+    (run / 'checkpoints' / 'final.pt').unlink()
+    last = ckpt_io.step_path(run / 'checkpoints', 2)
+    assert ckpt_io.load_checkpoint(last)['finished']
+    cfg = _config('closed_set', data, 'train.max_steps=2')
+    summary = train(cfg, run, resume='auto', progress=False)
+    assert summary['resumed_from'] == str(last) and summary['steps'] == 2
+    assert summary['note'] == 'the run had already finished; wrote its missing final.pt'
+    final = ckpt_io.load_checkpoint(summary['final_checkpoint'])
+    assert final['step'] == 2 and final['finished']
+    assert state_digest(ckpt_io.build_segmenter(final)) == \
+        state_digest(ckpt_io.build_segmenter(ckpt_io.load_checkpoint(closed_path)))
+    assert _records(run, 'checkpoint')[-1]['copied_from'] == str(last)
+    # A finished checkpoint resumed into another folder gets its final.pt there too.
+    other = train(cfg, tmp_path / 'other', resume=str(last), progress=False)
+    assert Path(other['final_checkpoint']).is_file()
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    dead, alive = _dead_pid(), os.getppid()
+    names = [f'.step_0000004.pt.tmp-{dead}', f'.final.pt.tmp-{dead}',
+             f'.step_0000006.pt.tmp-{alive}', f'.step_0000006.pt.tmp-{os.getpid()}',
+             'step_0000002.pt', 'notes.tmp-1', f'.x.tmp-{dead}.bak']
+    for name in names:
+        (tmp_path / name).write_bytes(b'partial')
+    removed = ckpt_io.remove_stale_temp_files(tmp_path)
+    assert removed == sorted([tmp_path / f'.final.pt.tmp-{dead}',
+                              tmp_path / f'.step_0000004.pt.tmp-{dead}'])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert ckpt_io.remove_stale_temp_files(tmp_path / 'missing') == []
+    assert ckpt_io.temp_path(tmp_path / 'a.pt').name == f'.a.pt.tmp-{os.getpid()}'
+
+
+def test_resume_removes_stale_temp_files_of_killed_runs(data, stage1, tmp_path, capsys):
+    """A run SIGKILLed while saving leaves a temporary file as large as a checkpoint; they
+    were never removed (300 MB after a few kills)."""
+    closed_path, _ = stage1
+    run = tmp_path / 'run'
+    shutil.copytree(closed_path.parent.parent, run)
+    stale = run / 'checkpoints' / f'.step_0000003.pt.tmp-{_dead_pid()}'
+    stale.write_bytes(b'cut short by SIGKILL')
+    cfg = _config('closed_set', data, 'train.max_steps=3')
+    summary = train(cfg, run, resume='auto', progress=False)
+    assert summary['steps'] == 3 and not stale.exists()
+    assert summary['removed_temp_files'] == [str(stale)]
+    assert f'removed 1 temporary checkpoint file(s) of killed runs from {run / "checkpoints"}' \
+        in capsys.readouterr().err
+
+
+def test_a_run_that_would_not_checkpoint_says_so(data, tmp_path, capsys):
+    cfg = _config('closed_set', data, 'train.max_steps=2', 'train.checkpoint_every=2')
+    train(cfg, tmp_path / 'run', progress=False)
+    assert ('warning: train.checkpoint_every=2 saves nothing before final.pt in the 2 steps '
+            'left, so a killed run starts over; set e.g. train.checkpoint_every=1') \
+        in capsys.readouterr().err
+
+
+def _quick_start_train_commands() -> list[list[str]]:
+    """The `anomaly-seg train` commands of the README's quick start, as argument lists."""
+    text = (ROOT / 'README.md').read_text()
+    section = text.split('## Quick start without a data set', 1)[1].split('\n## ', 1)[0]
+    block = section.split('```bash', 1)[1].split('```', 1)[0].replace('\\\n', ' ')
+    return [shlex.split(line)[2:] for line in block.splitlines()
+            if line.startswith('anomaly-seg train ')]
+
+
+def test_readme_quick_start_runs_checkpoint():
+    """The quick start's budgets (400 and 800 steps) were below the configs' checkpoint_every
+    of 1000, so its runs saved nothing to resume from."""
+    commands = _quick_start_train_commands()
+    assert len(commands) == 2
+    for argv in commands:
+        config = argv[argv.index('--config') + 1]
+        overrides = [a for a in argv if '=' in a and not a.startswith('-')]
+        cfg = load_config(ROOT / config, overrides)
+        assert cfg.train.max_steps in (400, 800)
+        assert cfg.train.checkpoint_every <= cfg.train.max_steps // 4, argv
 
 
 def test_resume_refuses_a_changed_config(data, stage1, tmp_path):
@@ -346,7 +440,7 @@ def test_command_modules_do_not_import_torch():
 
 
 def test_cli_takes_overrides_before_and_after_flags(capsys):
-    from anomaly_seg_node import cli
+    from anomaly_seg_tools import cli
     parser = cli.build_parser()
     args = cli.parse_args(parser, ['train', '--out', 'r', 'a.b=1', '--no-progress', 'c.d=2',
                                    '--resume', 'auto', 'e.f=[1,2]'])
@@ -360,7 +454,7 @@ def test_cli_takes_overrides_before_and_after_flags(capsys):
 
 
 def test_cli_trains_and_resumes_with_the_stored_config(data, tmp_path, monkeypatch, capsys):
-    from anomaly_seg_node import cli
+    from anomaly_seg_tools import cli
     monkeypatch.setitem(cli.COMMANDS, 'train', ('training.train_command', 'train'))
     overrides = [f'data.root={data / "sh"}', *TINY, 'train.max_steps=1']
     code = cli.main(['--json', 'train', '--config', str(CONFIGS / 'closed_set.yaml'),

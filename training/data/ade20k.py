@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
-from training.data.streethazards import read_pair
+from training.data.image_io import pair_labels, read_pair
 from training.data.transforms import check_pair
 
 RECT_PROB = 0.5
@@ -113,12 +113,6 @@ def _index(root: Path) -> list[tuple[Path, Path]]:
     images = sorted(image_dir.glob('*.jpg'))
     if not images:
         raise DataError(f'no *.jpg images in {image_dir}; check the ADE20k root folder')
-    samples = [(p, ann_dir / (p.stem + '.png')) for p in images]
-    missing = [label for _, label in samples if not label.is_file()]
-    if missing:
-        shown = ', '.join(str(p) for p in missing[:3])
-        raise DataError(
-            f'{len(missing)} ADE20k image(s) have no annotation, e.g. {shown}; every '
-            'images/training/NAME.jpg needs annotations/training/NAME.png: add the labels or '
-            'remove those images')
+    samples = pair_labels(images, lambda image: ann_dir / f'{image.stem}.png', 'ADE20k',
+                          'every images/training/NAME.jpg needs annotations/training/NAME.png')
     return samples

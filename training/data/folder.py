@@ -14,7 +14,7 @@ import torch
 
 from anomaly_seg_node.errors import DataError
 from anomaly_seg_node.labels import LabelSpec
-from training.data.image_io import read_pair
+from training.data.image_io import pair_labels, read_pair
 from training.data.streethazards import OOD_IGNORE
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -26,20 +26,20 @@ def folder_pairs(root: Path) -> list[tuple[Path, Path]] | None:
     if (root / 'images').is_dir() and (root / 'labels').is_dir():
         images = sorted(p for p in (root / 'images').iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES)
-        pairs = [(p, root / 'labels' / f'{p.stem}.png') for p in images]
+
+        def label_of(image: Path) -> Path:
+            return root / 'labels' / f'{image.stem}.png'
     elif (root / 'frames').is_dir():
         images = sorted(p for p in (root / 'frames').iterdir()
                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        pairs = [(p, root / 'frames' / f'{p.stem}.labels' / ROAD_ANOMALY_LABEL) for p in images]
+
+        def label_of(image: Path) -> Path:
+            return root / 'frames' / f'{image.stem}.labels' / ROAD_ANOMALY_LABEL
     else:
         return None
-    if not pairs:
+    if not images:
         raise DataError(f'no images (*.png, *.jpg) in {root}; check the folder')
-    missing = [label for _, label in pairs if not label.is_file()]
-    if missing:
-        raise DataError(f'{len(missing)} image(s) in {root} have no label map, e.g. '
-                        f'{missing[0]}; every image needs its label PNG')
-    return pairs
+    return pair_labels(images, label_of, str(root), 'every image needs its label PNG')
 
 
 class LabelledFolder:

@@ -3,6 +3,7 @@
 Torch-free (OpenCV and numpy), shared by the data sets and the synthetic generators.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -56,3 +57,27 @@ def _read_bytes(path: Path) -> np.ndarray:
     if not data:
         raise DataError(f'file {path} is empty; re-export or remove it')
     return np.frombuffer(data, dtype=np.uint8)
+
+
+def check_label_ids(label: np.ndarray, path: Path, valid: np.ndarray, expected: str,
+                    fix: str) -> None:
+    """Raise DataError naming the file, the ids outside `valid` (bool [256]) and their pixel
+    count, with `expected` (what the ids should be) and `fix`."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    bad = np.flatnonzero((counts > 0) & ~valid)
+    if bad.size:
+        raise DataError(f'label {path} holds ids {bad.tolist()} outside {expected} '
+                        f'({int(counts[bad].sum())} pixels); {fix}')
+
+
+def pair_labels(images: list[Path], label_of: Callable[[Path], Path], what: str,
+                layout: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs; DataError listing images without a label file. `what` names the
+    split for the message, `layout` says which label file each image needs."""
+    samples = [(image, label_of(image)) for image in images]
+    missing = [label for _, label in samples if not label.is_file()]
+    if missing:
+        shown = ', '.join(str(p) for p in missing[:3])
+        raise DataError(f'{len(missing)} image(s) of {what} have no label, e.g. {shown}; '
+                        f'{layout}: add the labels or remove those images')
+    return samples

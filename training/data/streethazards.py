@@ -5,12 +5,10 @@ IGNORE_ID), then the raw ids become train ids through a lookup table of `labels.
 split the anomaly mask is derived from the same raw ids, so the two always agree.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import (
@@ -22,12 +20,18 @@ from anomaly_seg_node.labels import (
     class_names,
     raw_to_train_lut,
 )
-from training.data.image_io import read_label_png, read_pair, read_rgb
+from training.data.image_io import (
+    check_label_ids,
+    pair_labels,
+    read_label_png,
+    read_pair,
+    read_rgb,
+)
+from training.data.raw_ids import RawIdDataset, Transform
 
-__all__ = ['StreetHazards', 'check_raw_ids', 'read_label_png', 'read_pair', 'read_rgb']
+__all__ = ['StreetHazards', 'Transform', 'check_raw_ids', 'read_label_png', 'read_pair',
+           'read_rgb']
 
-# A joint transform: (HWC uint8 RGB image, HW uint8 label, generator) -> (image, label).
-Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 # split -> (top folder, sub folder under images/ and annotations/, towns)
 SPLITS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -54,23 +58,17 @@ _OOD_LUT[IGNORE_ID] = OOD_IGNORE  # padding of the joint transform
 
 def check_raw_ids(label: np.ndarray, path: Path) -> None:
     """Raise DataError naming the file and the ids if any pixel is outside 1..14."""
-    counts = np.bincount(label.ravel(), minlength=256)
-    bad = np.flatnonzero((counts > 0) & ~_VALID_RAW)
-    if bad.size:
-        raise DataError(
-            f'label {path} holds raw ids {bad.tolist()} outside the StreetHazards range 1..14 '
-            f'({int(counts[bad].sum())} pixels); the annotations must be raw ids, not train '
-            'ids or a colour palette: regenerate or fix this file')
+    check_label_ids(label, path, _VALID_RAW, 'the StreetHazards range 1..14',
+                    'the annotations must be raw ids, not train ids or a colour palette: '
+                    'regenerate or fix this file')
 
 
-class StreetHazards(Dataset):
+class StreetHazards(RawIdDataset):
     """StreetHazards split ('train' t1-t3, 'val' t4, 'test' t5-t6) under `root`.
 
     Items: 'image' uint8 [3,H,W] RGB, 'label' int64 [H,W] train ids (IGNORE_ID = ignored),
     'path' str, and on the test split 'ood' uint8 [H,W] (1 anomaly, 0 inlier, 2 ignored).
-    The random transform of item i in epoch e is drawn from default_rng([seed, e, i]); call
-    `set_epoch` before each epoch (DataLoader workers copy the data set when they start, so use
-    non-persistent workers or re-create the loader for the epoch to reach them).
+    Random transforms and epochs as `RawIdDataset`.
     """
 
     def __init__(
@@ -87,12 +85,7 @@ class StreetHazards(Dataset):
                               f'{sorted(SPLITS)}')
         if mapping not in MAPPINGS:
             raise ConfigError(f'unknown label mapping {mapping!r}; expected one of {MAPPINGS}')
-        # The transform pads raw ids; any pad id but IGNORE_ID would read as a real class.
-        pad_id = getattr(transform, 'ignore_id', IGNORE_ID)
-        if pad_id != IGNORE_ID:
-            raise ConfigError(
-                f'the transform pads labels with {pad_id}, but StreetHazards transforms run on '
-                f'raw ids and must pad with IGNORE_ID={IGNORE_ID}; leave ignore_id at its default')
+        self.check_transform(transform, 'StreetHazards')
         self.root = Path(root)
         self.split = split
         self.mapping = mapping
@@ -103,29 +96,10 @@ class StreetHazards(Dataset):
         self.class_names = class_names(mapping)
         self.num_classes = len(self.class_names)
         self.towns, self.samples = _index(self.root, split, towns)
+        self.ood_lut = _OOD_LUT if split == 'test' else None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random transforms the next items use."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        image_path, label_path = self.samples[index]
-        image, raw = read_pair(image_path, label_path)
-        check_raw_ids(raw, label_path)
-        if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, raw = self.transform(image, raw, rng)
-        item: dict[str, torch.Tensor | str] = {
-            'image': torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            'label': torch.from_numpy(self.lut[raw].astype(np.int64)),
-            'path': str(image_path),
-        }
-        if self.split == 'test':
-            item['ood'] = torch.from_numpy(_OOD_LUT[raw])
-        return item
+    def check_ids(self, raw: np.ndarray, path: Path) -> None:
+        check_raw_ids(raw, path)
 
 
 def _index(
@@ -162,20 +136,11 @@ def _index(
                     f'{list(split_towns)} (found: '
                     f'{sorted(p.name for p in image_dir.iterdir() if p.is_dir())})')
     samples: list[tuple[Path, Path]] = []
-    missing: list[Path] = []
     for town in chosen:
-        for image_path in sorted((image_dir / town).glob('*.png')):
-            label_path = ann_dir / town / image_path.name
-            if label_path.is_file():
-                samples.append((image_path, label_path))
-            else:
-                missing.append(label_path)
-    if missing:
-        shown = ', '.join(str(p) for p in missing[:3])
-        raise DataError(
-            f'{len(missing)} image(s) of split {split!r} have no annotation, e.g. {shown}; '
-            'every images/.../NAME.png needs annotations/.../NAME.png: add the labels or '
-            'remove those images')
+        samples += pair_labels(sorted((image_dir / town).glob('*.png')),
+                               lambda image, town=town: ann_dir / town / image.name,
+                               f'split {split!r}',
+                               'every images/.../NAME.png needs annotations/.../NAME.png')
     if not samples:
         raise DataError(
             f'no *.png images in {image_dir} for towns {list(chosen)}; '

@@ -5,16 +5,7 @@ import argparse
 from typing import Any
 
 from anomaly_seg_node.errors import ConfigError
-
-
-def size_arg(text: str) -> tuple[int, int]:
-    """argparse type of an HxW size flag: '360x640' -> (360, 640)."""
-    from training.synth.dataset import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+from training.cli_types import size_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--train', type=int, default=60, help='training images (default 60)')
     p.add_argument('--val', type=int, default=20, help='validation images (default 20)')
     p.add_argument('--test', type=int, default=20, help='test images (default 20)')
-    p.add_argument('--size', type=size_arg, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--size', type=size_arg(), default=(360, 640), help='HxW (default 360x640)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
 
@@ -40,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    'or plain everyday materials.')
     p.add_argument('--out', required=True, help='output folder (must not exist or be empty)')
     p.add_argument('--n', type=int, default=50, help='number of images (default 50)')
-    p.add_argument('--size', type=size_arg, default=(384, 512), help='HxW (default 384x512)')
+    p.add_argument('--size', type=size_arg(), default=(384, 512), help='HxW (default 384x512)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--material-share', type=float, default=0.5,
                    help='probability that a surface wears a plain material (muted colour, '
@@ -54,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    'image, camera_info and label topics.')
     p.add_argument('--out', required=True, help='bag folder to create')
     p.add_argument('--frames', type=int, default=50, help='number of frames (default 50)')
-    p.add_argument('--size', type=size_arg, default=(360, 640), help='HxW (default 360x640)')
+    p.add_argument('--size', type=size_arg(), default=(360, 640), help='HxW (default 360x640)')
     p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap',
                    help='rosbag2 storage plugin (default mcap)')
     p.add_argument('--encoding', choices=('rgb8', 'bgr8', 'mono8'), default='rgb8',

@@ -28,14 +28,6 @@ SPLITS: dict[str, tuple[str, str, tuple[str, ...], int]] = {
 ANOMALIES_PER_TEST_IMAGE = (1, 1, 2, 2, 3)  # drawn uniformly: 1.8 on average before occlusion
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'360x640' -> (360, 640)."""
-    parts = text.lower().split('x')
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f'size must be HxW such as 360x640, got {text!r}')
-    return int(parts[0]), int(parts[1])
-
-
 def check_size(size: tuple[int, int], minimum: int = 32) -> tuple[int, int]:
     """(h, w) as ints, or a DataError naming the allowed range."""
     h, w = (int(v) for v in size)

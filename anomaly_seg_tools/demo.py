@@ -16,7 +16,10 @@ The table compares the artifact's score with chance (the anomaly pixel share), w
 prior (a fixed Gaussian bump that ignores the image; real drive only) and with the MSP baseline
 of the same checkpoint. The runtime graph holds one score, so the baseline is measured once,
 when the model is built: `--baseline MSP.json --card models/demo.card.json` replays the same
-drive through the MSP export too and writes the model card that later runs print.
+drive through the MSP export too and writes the model card that later runs print. Under the
+table, the model's component figures on the drive at the replay's threshold (the sidecar
+default): SegmentMeIfYouCan sIoU, PPV and mean F1 of the anomaly mask, and the recall and
+precision of the anomaly objects' boxes (from the replay's metrics.json).
 """
 
 import argparse
@@ -36,7 +39,7 @@ CARD_SCHEMA = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.synth.command import size_arg
+    from training.cli_types import size_arg
 
     parser.add_argument('--out', type=Path, default=Path('out/demo'),
                         help='output folder (default out/demo); replaced on each run')
@@ -48,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--frames', type=int, default=None,
                         help='frames of the drive (default: every sample frame; 150 with '
                              '--synthetic)')
-    parser.add_argument('--size', type=size_arg, default=(360, 640),
+    parser.add_argument('--size', type=size_arg(), default=(360, 640),
                         help='HxW of the synthetic drive and data set (default 360x640)')
     parser.add_argument('--artifact', type=Path, default=DEFAULT_ARTIFACT,
                         help=f'artifact sidecar to replay (default {DEFAULT_ARTIFACT})')
@@ -125,6 +128,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = _checks(main, rows, share)
     report['replay'] = replay
     report['table'] = {'rows': rows, 'anomaly_pixel_share': share, 'checks': checks}
+    components = component_figures(full)
+    if components is not None:
+        report['table']['components'] = components
     if baseline_note:
         report['table']['note'] = baseline_note
     report['files'] = {'metrics': str(out / 'metrics.json'), 'summary': str(out / 'summary.md'),
@@ -168,12 +174,44 @@ def render_table(report: dict[str, Any]) -> str:
     share = table['anomaly_pixel_share']
     lines.append(f'| chance (anomaly pixel share) | {_pct(share)} | {_pct(share)} | | 50.00 | |')
     lines.append('')
+    if table.get('components'):
+        lines += [component_line(table['components']), '']
     for check in table['checks']:
         lines.append(f'- {check["what"]}: {"yes" if check["met"] else "NO"} '
                      f'({check["detail"]})')
     if table.get('note'):
         lines.append(f'- {table["note"]}')
     return '\n'.join(lines) + '\n'
+
+
+def component_figures(full: dict[str, Any]) -> dict[str, Any] | None:
+    """The demo's component figures from the replay's metrics.json (None without them): the
+    mask's sIoU, PPV and mean F1 and the objects' box recall, precision and count per frame."""
+    components = full.get('metrics', {}).get('components')
+    if not components:
+        return None
+    mask, boxes = components.get('mask', {}), components.get('boxes', {})
+    return {'threshold': components.get('threshold'),
+            'threshold_name': full.get('artifact', {}).get('threshold_name'),
+            'siou': mask.get('siou'), 'ppv': mask.get('ppv'), 'f1_mean': mask.get('f1_mean'),
+            'iou_threshold': boxes.get('iou_threshold'), 'recall': boxes.get('recall'),
+            'precision': boxes.get('precision'),
+            'objects_per_frame': boxes.get('objects_per_frame')}
+
+
+def component_line(figures: dict[str, Any]) -> str:
+    """'components at the default threshold (fpr1 = -6.453): sIoU ..., objects: ...'."""
+    threshold = figures.get('threshold')
+    value = f'{threshold:.4g}' if isinstance(threshold, (int, float)) else 'n/a'
+    where = (f'the default threshold ({figures["threshold_name"]} = {value})'
+             if figures.get('threshold_name') else f'the threshold {value}')
+    per_frame = figures.get('objects_per_frame')
+    count = f'{per_frame:.2f}' if isinstance(per_frame, (int, float)) else 'n/a'
+    iou = figures.get('iou_threshold') or 0.5
+    return (f'Components at {where}: sIoU {_pct_or_na(figures.get("siou"))}, PPV '
+            f'{_pct_or_na(figures.get("ppv"))}, mean F1 {_pct_or_na(figures.get("f1_mean"))}; '
+            f'objects: recall {_pct_or_na(figures.get("recall"))}, precision '
+            f'{_pct_or_na(figures.get("precision"))} at box IoU ≥ {iou:g}, {count} per frame.')
 
 
 def _real_drive(args: argparse.Namespace, out: Path, report: dict[str, Any]
@@ -229,19 +267,18 @@ def _centre_prior(folder: Path) -> dict[str, float | None]:
     import numpy as np
 
     from anomaly_seg_node.labels import label_spec
-    from anomaly_seg_node.metrics import PerImageOOD, PooledOOD
+    from anomaly_seg_node.metrics import BinnedPerImageOOD, PooledOOD
     from training.data.camvid_layout import index_split
     from training.data.image_io import read_label_png
     from training.evaluate import centre_prior
 
     spec = label_spec('camvid', [])
-    per_image, pooled = PerImageOOD(), PooledOOD()
+    # The replay's protocols, so that the rows of the table compare alike.
+    per_image, pooled = BinnedPerImageOOD(), PooledOOD()
     for _, label_path in index_split(folder, 'test'):
         _, anomaly, _ = spec.targets(read_label_png(label_path), 0)
         ood = np.where(anomaly == spec.ignore, np.uint8(2), anomaly)
-        prior = centre_prior(*ood.shape)
-        per_image.update(prior, ood)
-        pooled.update(prior, ood)
+        per_image.add(pooled.update(centre_prior(*ood.shape), ood))
     try:
         p, q = per_image.compute(), pooled.compute()
     except AnomalySegError:
@@ -333,6 +370,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def _pct(value: float | None) -> str:
     return '' if value is None else f'{100 * value:.2f}'
+
+
+def _pct_or_na(value: float | None) -> str:
+    return 'n/a' if value is None else f'{100 * value:.2f}'
 
 
 def _say(text: str) -> None:

@@ -7,7 +7,10 @@
   `--formats onnx`) are skipped, and the report says so.
 - One full frame as the node runs it: decode a sensor_msgs/Image, resize, convert, infer,
   labels, upsample, threshold, colour, overlay, encode each output (anomaly_seg_node.pipeline and
-  image_codec), next to the time of one plain copy of the input and output bytes.
+  image_codec), next to the time of one plain copy of the input and output bytes; and the
+  anomaly objects of the frame (objects.find_objects with the replay's default parameters on
+  the pipeline's score and labels) at the frame size and at the artifact size (the same maps
+  resized), with the share of pixels above the threshold, which their cost grows with.
 - The ratios of issue 5 §4: DH vs segmentation-only, the DH artifact vs a plain ResNet-18 FCN in
   the same runtime (built by training.reference_fcn when torch is present, else --reference),
   work outside inference vs the plain copy.
@@ -36,7 +39,6 @@ import numpy as np
 
 from anomaly_seg_node.errors import AnomalySegError, ArtifactError, BackendError, ConfigError
 
-SCORE_GRAPHS = ('segmentation', 'OP', 'OPxMS', 'DH', 'JSD')
 MAIN_OUTPUTS = ('semantic_mask', 'anomaly_score', 'anomaly_mask')
 ENCODINGS = {'semantic_mask': 'mono8', 'anomaly_score': '32FC1', 'anomaly_mask': 'mono8',
              'semantic_color': 'rgb8', 'overlay': 'rgb8'}
@@ -197,10 +199,11 @@ def score_artifacts(sidecar: Any) -> tuple[dict[str, Any], list[str]]:
     The artifact NAME.json (score S) is the graph of S; NAME-X.json is the graph of score X.
     """
     from anomaly_seg_node.artifact import read_sidecar
+    from training.score_info import TABLE_II_GRAPHS
 
     path = Path(sidecar.source)
     graphs, missing = {}, []
-    for graph in SCORE_GRAPHS:
+    for graph in TABLE_II_GRAPHS:
         if graph == sidecar.score.name:
             graphs[graph] = sidecar
             continue
@@ -289,7 +292,9 @@ def available_configs() -> list[dict[str, str]]:
         if torch.cuda.is_available():
             configs += [{'backend': 'torch', 'device': 'cuda', 'precision': p}
                         for p in ('fp32', 'fp16')]
-            if importlib.util.find_spec('torch_tensorrt') is not None:
+            from anomaly_seg_node.backends import import_tensorrt
+
+            if not isinstance(import_tensorrt(), str):  # installed and loads
                 configs += [{'backend': 'tensorrt', 'device': 'cuda', 'precision': p}
                             for p in ('fp16', 'fp32')]
     if has_ort:
@@ -496,11 +501,21 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
 
     'convert' is the backend call minus the graph's own time (HWC uint8 -> NCHW float32 in a
     contiguous buffer, input checks, output copies); 'infer' is the graph. The plain copy
-    moves the same input and main-output bytes once with np.copyto.
+    moves the same input and main-output bytes once with np.copyto. 'objects' (apart from the
+    stages) times `objects.find_objects` on the pipeline's score and labels at the frame size
+    and on the same maps resized to the artifact size, with the replay's default parameters.
     """
+    import cv2
+
     from anomaly_seg_node.artifact import resolve_threshold
     from anomaly_seg_node.image_codec import decode_image, encode_image, to_message
+    from anomaly_seg_node.objects import (
+        ObjectParams,
+        find_objects,
+        fpr_table_from_thresholds,
+    )
     from anomaly_seg_node.pipeline import OUTPUTS, FramePipeline
+    from anomaly_seg_node.replay_command import OBJECT_DEFAULTS
 
     sidecar = segmenter.sidecar
     timed = _time_graph_of(segmenter)
@@ -508,6 +523,19 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
         threshold = resolve_threshold(sidecar)
     except ArtifactError:
         threshold = 0.0
+    # the replay's defaults, without a drivable restriction
+    params = ObjectParams(threshold=threshold, drivable_margin=OBJECT_DEFAULTS['margin'],
+                          merge_distance=OBJECT_DEFAULTS['merge'],
+                          min_area_px=OBJECT_DEFAULTS['min_area'],
+                          max_objects=OBJECT_DEFAULTS['max'])
+    try:
+        fpr_table = fpr_table_from_thresholds(sidecar.thresholds)
+    except ArtifactError:  # inconsistent fpr thresholds: time the logistic confidence
+        fpr_table = None
+    net_h, net_w = (int(v) for v in segmenter.input_size)
+    object_samples: dict[str, dict[str, list[float]]] = {
+        'frame_size': {'ms': [], 'flagged': [], 'objects': []},
+        'artifact_size': {'ms': [], 'flagged': [], 'objects': []}}
     pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
                              output_resolution='input', threshold=threshold,
                              pad_rgb=sidecar.pad_rgb)
@@ -541,6 +569,26 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
         start = time.perf_counter()
         np.copyto(target, source)
         stage['plain_copy'] = (time.perf_counter() - start) * 1e3
+        score, labels = result.anomaly_score, result.semantic_mask
+        maps = {'frame_size': (score, labels)}
+        maps['artifact_size'] = maps['frame_size'] if score.shape == (net_h, net_w) else (
+            cv2.resize(score, (net_w, net_h), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(labels, (net_w, net_h), interpolation=cv2.INTER_NEAREST))
+        measured: dict[str, tuple[float, float, int]] = {}
+        for where, (score_map, label_map) in maps.items():
+            if where == 'artifact_size' and maps[where] is maps['frame_size']:
+                # the same maps: a second call would only time a warm cache
+                measured[where] = measured['frame_size']
+                continue
+            start = time.perf_counter()
+            found = find_objects(score_map, label_map, params, fpr_table)
+            measured[where] = ((time.perf_counter() - start) * 1e3,
+                               float(np.mean(score_map > threshold)), len(found))
+        if index >= warmup:
+            for where, (elapsed, flagged, count) in measured.items():
+                object_samples[where]['ms'].append(elapsed)
+                object_samples[where]['flagged'].append(flagged)
+                object_samples[where]['objects'].append(count)
         if index >= warmup:
             for name, value in stage.items():
                 samples.setdefault(name, []).append(value)
@@ -557,6 +605,17 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
         'outside_inference_ms': float(np.median(outside)),
         'outside_stages': [*OUTSIDE_STAGES, *(f'encode_{o}' for o in MAIN_OUTPUTS)],
         'copy_bytes': main_bytes,
+        'objects': {
+            'params': {'threshold': threshold, 'merge_distance': params.merge_distance,
+                       'min_area_px': params.min_area_px, 'max_objects': params.max_objects,
+                       'drivable_ids': [], 'confidence': 'fpr table' if fpr_table else
+                       'logistic'},
+            **{where: {'size': list(size), 'median_ms': float(np.median(sample['ms'])),
+                       'p90_ms': float(np.percentile(sample['ms'], 90)),
+                       'flagged_share': float(np.median(sample['flagged'])),
+                       'objects': float(np.median(sample['objects']))}
+               for (where, sample), size in zip(object_samples.items(),
+                                                [(height, width), (net_h, net_w)], strict=True)}},
         '_outside_samples': outside,
         '_copy_samples': samples['plain_copy'],
     }
@@ -666,6 +725,21 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {name}{mark} | {value:.2f} | {stages['p90_ms'][name]:.2f} |")
     lines.append(f"| work outside inference (* stages) | {stages['outside_inference_ms']:.2f} "
                  '| |')
+    if 'objects' in stages:
+        objects = stages['objects']
+        params = objects['params']
+        lines += ['', '## Anomaly objects per frame (find_objects on the outputs)', '',
+                  f"Threshold {params['threshold']:.4g}, fragments within "
+                  f"{params['merge_distance']} px merged, at least {params['min_area_px']} px, "
+                  f"at most {params['max_objects']}, no drivable restriction; the cost grows "
+                  'with the pixels above the threshold.', '',
+                  '| maps at | size | median ms | p90 ms | pixels above threshold | objects |',
+                  '|---|---|---:|---:|---:|---:|']
+        for where, label in (('frame_size', 'frame size'), ('artifact_size', 'artifact size')):
+            row = objects[where]
+            lines.append(f"| {label} | {row['size'][0]}x{row['size'][1]} | "
+                         f"{row['median_ms']:.2f} | {row['p90_ms']:.2f} | "
+                         f"{100 * row['flagged_share']:.2f} % | {row['objects']:g} |")
     lines += ['', '## Targets (issue 5 §4)', '',
               '| ratio | measured (median of per-round ratios) | p10-p90 | target | met |',
               '|---|---:|---:|---:|---|']
@@ -710,12 +784,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split('x')
-    try:
-        height, width = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'size must be HxW, e.g. 720x1280, got {text!r}') \
-            from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f'size must be positive, got {text!r}')
-    return height, width
+    from training.cli_types import parse_size
+
+    return parse_size(text)

@@ -1,11 +1,14 @@
 """The `anomaly-seg` command: the one composition root of the project.
 
 Subcommands live in small modules that expose `add_arguments(parser)` and `run(args) -> dict`.
-Those modules import nothing heavy at module level (torch, onnxruntime, training code are imported
-inside `run`), so `anomaly-seg --help` stays fast and the runtime side never needs torch.
+Only the module of the subcommand on the command line is imported (none for `anomaly-seg
+--help`), and those modules import nothing heavy at module level (torch, onnxruntime, training
+code are imported inside `run`), so the help stays fast and the runtime side never needs torch.
+This package, not `anomaly_seg_node`, may import `training`: the vehicle runtime never does.
 """
 
 import argparse
+from collections.abc import Iterable, Sequence
 import importlib
 import json
 import sys
@@ -27,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'export': ('training.export_command',
                'checkpoint (or --random-init) -> NAME.onnx, NAME.pt2, NAME.json with calibrated '
                'thresholds, checked against eager torch'),
-    'bench': ('anomaly_seg_node.bench',
+    'bench': ('anomaly_seg_tools.bench',
               "frames per second per score graph and backend, and per-stage frame times (the "
               "paper's Table II)"),
     'replay': ('anomaly_seg_node.replay_command',
@@ -36,11 +39,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'build-engine': ('anomaly_seg_node.build_engine',
                      'build, verify and cache the TensorRT engine of an artifact for this GPU '
                      '(takes minutes)'),
-    'demo': ('anomaly_seg_node.demo', "the newcomer's first run on the embedded default"),
+    'demo': ('anomaly_seg_tools.demo', "the newcomer's first run on the embedded default"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommands in `commands` (default: all) get their flags, which
+    imports their modules. The others are listed with their help line only."""
+    wanted = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(
         prog='anomaly-seg',
         description='Open-set semantic segmentation with a dense anomaly score: synthetic data, '
@@ -49,11 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help='print the result as JSON on stdout instead of a human summary')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_module=module)
+        if name in wanted:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_module=module)
     return parser
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    for arg in argv:
+        if arg == '--':
+            return None
+        if not arg.startswith('-'):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def _is_override(arg: str) -> bool:
@@ -91,7 +108,10 @@ def format_human(report: dict[str, Any], indent: int = 0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    command = command_in(argv)
+    parser = build_parser([] if command is None else [command])
     args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
