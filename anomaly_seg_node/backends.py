@@ -25,12 +25,12 @@ from pathlib import Path
 import re
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from anomaly_seg_node.artifact import Sidecar, missing_format_fix, read_sidecar
-from anomaly_seg_node.errors import ArtifactError, BackendError
+from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
 
 BACKENDS = ('auto', 'tensorrt', 'torch', 'onnxruntime')
 DEVICES = ('cpu', 'cuda')
@@ -43,6 +43,24 @@ ENGINE_ENVIRONMENT_FIELDS = ('gpu', 'compute_capability', 'torch', 'torch_tensor
 BACKEND_FILES = {'onnxruntime': 'onnx', 'torch': 'pt2', 'tensorrt': 'pt2'}
 
 
+class SegmenterOutput(Protocol):
+    # Read-only, so frozen results (SegResult) qualify.
+    @property
+    def labels(self) -> np.ndarray: ...  # int32 [N, H, W]
+
+    @property
+    def anomaly_score(self) -> np.ndarray: ...  # float32 [N, H, W]
+
+
+class SegmenterProtocol(Protocol):
+    """What a segmenter offers its users (pipeline.FramePipeline): a model at one static input
+    size. `Segmenter`, the base of the backends, implements it; so do the tests' stand-ins."""
+
+    input_size: tuple[int, int]  # (H, W)
+
+    def __call__(self, frames: np.ndarray) -> SegmenterOutput: ...
+
+
 @dataclass(frozen=True)
 class SegResult:
     """Per-pixel outputs of one call: labels int32 `[N, H, W]`, anomaly_score float32."""
@@ -51,8 +69,10 @@ class SegResult:
     anomaly_score: np.ndarray
 
 
-class Segmenter(abc.ABC):
-    """Base of the backends: input checks, padding to the artifact's batch, result assembly."""
+class Segmenter(SegmenterProtocol, abc.ABC):
+    """Base of the backends: input checks, padding to the artifact's batch, result assembly.
+
+    Derived from `SegmenterProtocol` explicitly, so the type check holds the two together."""
 
     backend = 'none'
 
@@ -150,8 +170,9 @@ class OnnxRuntimeSegmenter(Segmenter):
     backend = 'onnxruntime'
 
     def __init__(self, sidecar: Sidecar, device: str, precision: str, reason: str,
-                 engine_cache_dir: str | os.PathLike | None = None) -> None:
+                 engine_cache_dir: str | os.PathLike | None = None, threads: int = 0) -> None:
         ort = _import('onnxruntime', 'onnxruntime', "'onnxruntime>=1.20'")
+        options = session_options(ort, threads)
         available = ort.get_available_providers()
         if sidecar.precision == 'int8':
             # The graph fixes the precision; the CUDA provider would dequantise every layer and
@@ -191,10 +212,11 @@ class OnnxRuntimeSegmenter(Segmenter):
         super().__init__(sidecar, device, precision, reason)
         path = sidecar.file_path('onnx')
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT's own classes: InvalidProtobuf, InvalidGraph, Fail, ...
             raise _session_error(error, path, providers) from None
         self.providers = self.session.get_providers()
+        self.threads = threads
         # A listed GPU provider can still fail to start (missing CUDA/TensorRT libraries);
         # ORT then falls back silently, which must not pass for what was asked.
         if device == 'cuda' and self.providers == ['CPUExecutionProvider']:
@@ -215,6 +237,25 @@ class OnnxRuntimeSegmenter(Segmenter):
         image = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
         labels, score = self.session.run(['labels', 'anomaly_score'], {'image': image})
         return labels, score
+
+
+def check_threads(threads: Any, name: str = 'ort_threads') -> int:
+    """ONNX Runtime intra-op threads as an int >= 0 (0: ONNX Runtime's default, one per
+    physical core), or a ConfigError naming ``name``."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ConfigError(f'{name} must be an integer >= 0 (0: the onnxruntime default), '
+                          f'got {threads!r}')
+    return int(threads)
+
+
+def session_options(ort: Any, threads: int = 0) -> Any:
+    """onnxruntime.SessionOptions with ``threads`` intra-op threads (0: ONNX Runtime's
+    default); the one place the backend and the bench set them."""
+    threads = check_threads(threads)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 # ONNX element types (as ONNX Runtime names them) of the sidecar's dtypes.
@@ -350,13 +391,15 @@ class TensorRTSegmenter(TorchSegmenter):
 
 
 def load(sidecar: str | os.PathLike | Sidecar, backend: str = 'auto', device: str = 'cpu',
-         precision: str = 'fp32', engine_cache_dir: str | os.PathLike | None = None
-         ) -> Segmenter:
+         precision: str = 'fp32', engine_cache_dir: str | os.PathLike | None = None,
+         ort_threads: int = 0) -> Segmenter:
     """Load the artifact into a backend; `auto` records its choice and reason on the result.
 
     An int8 artifact runs as int8 whatever `precision` asks (the graph fixes it); the result's
-    `precision` says 'int8'.
+    `precision` says 'int8'. `ort_threads`: intra-op threads of an onnxruntime session (0:
+    onnxruntime's default); the torch and tensorrt backends do not use it.
     """
+    ort_threads = check_threads(ort_threads)
     for name, value, allowed in (('backend', backend, BACKENDS), ('device', device, DEVICES),
                                  ('precision', precision, PRECISIONS)):
         if value not in allowed:
@@ -370,7 +413,8 @@ def load(sidecar: str | os.PathLike | Sidecar, backend: str = 'auto', device: st
     else:
         reason = 'requested'
     if backend == 'onnxruntime':
-        return OnnxRuntimeSegmenter(sidecar, device, precision, reason, engine_cache_dir)
+        return OnnxRuntimeSegmenter(sidecar, device, precision, reason, engine_cache_dir,
+                                    ort_threads)
     if backend == 'torch':
         return TorchSegmenter(sidecar, device, precision, reason)
     return TensorRTSegmenter(sidecar, device, precision, reason, engine_cache_dir)

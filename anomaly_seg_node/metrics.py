@@ -650,6 +650,14 @@ class OpenSetConfusion:
                 'n_pixels': closed['n_pixels']}
 
 
+# Parity of an exported graph with eager torch (issue 5 §1): what `anomaly-seg export` requires
+# of each format; the fp32 TensorRT engine check (build_engine.REQUIREMENTS) derives its bounds
+# from these.
+MIN_LABEL_AGREEMENT = 0.999
+MIN_MASK_AGREEMENT = 0.995
+MAX_DIFF_OVER_STD = 1e-3
+
+
 class AgreementShapeError(ValueError):
     """The outputs compared by `agreement_figures` differ in shape or hold no pixels."""
 

@@ -32,29 +32,27 @@ from anomaly_seg_node.node_logic import (
     CAMERA_INFO_INPUT,
     CAMERA_INFO_OUTPUT,
     LABEL_INFO_TOPIC,
-    OBJECTS_TOPIC,
-    PARAMS,
     CameraInfoOut,
     DiagnosticReport,
     LabelInfoOut,
     NodeCore,
     ObjectsOut,
-    ParamSpec,
     detection_array_message,
 )
+from anomaly_seg_node.node_params import PARAMS, ParamSpec
 from anomaly_seg_node.node_signals import StopRequest, run_until_stopped
+from anomaly_seg_node.objects import OBJECTS_TOPIC, message_classes
 from anomaly_seg_node.pipeline import OUTPUTS
 
 try:  # vision_msgs is optional: without it there are no label_info and anomaly_objects topics.
-    from vision_msgs.msg import (
-        Detection2D,
-        Detection2DArray,
-        LabelInfo,
-        ObjectHypothesisWithPose,
-        VisionClass,
-    )
-except ImportError:
-    Detection2D = Detection2DArray = LabelInfo = ObjectHypothesisWithPose = VisionClass = None
+    import geometry_msgs.msg
+    import vision_msgs.msg
+    from vision_msgs.msg import Detection2DArray, LabelInfo, VisionClass
+
+    _DETECTION_CLASSES = message_classes(vision_msgs.msg, geometry_msgs.msg)
+except (ImportError, AttributeError):  # AttributeError: vision_msgs 3, without ObjectHypothesis
+    Detection2DArray = LabelInfo = VisionClass = None
+    _DETECTION_CLASSES = {}
 
 _LEVELS = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR}
 _SUCCESS, _FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
@@ -117,8 +115,7 @@ class _Transport:
             msg.header.stamp = self.node.get_clock().now().to_msg()
             publisher.publish(msg)
         elif isinstance(payload, ObjectsOut) and Detection2DArray is not None:
-            publisher.publish(detection_array_message(payload, Detection2DArray, Detection2D,
-                                                      ObjectHypothesisWithPose))
+            publisher.publish(detection_array_message(payload, _DETECTION_CLASSES))
 
     def now_ns(self) -> int:
         return self.node.get_clock().now().nanoseconds

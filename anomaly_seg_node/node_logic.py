@@ -1,21 +1,17 @@
 """What the anomaly_seg node does, without ROS: node.py is thin rclpy glue over this module.
 
-- ``PARAMS``: every parameter with its type, default, description, allowed values or range and
-  when it may change (``startup``: read-only; ``configure``: only while unconfigured, read at the
-  next configure; ``runtime``: any time). ``validate_params`` and ``NodeCore.update_parameters``
-  check values and say what is wrong and how to fix it.
-- ``NewestFrameSlot`` keeps only the newest frame (a put replaces the pending one and counts it
-  as dropped) and ``FrameWorker`` is the thread that takes frames from it, so latency never grows
-  with a queue.
-- ``NodeCore`` holds the transition duties (configure: validate, load the artifact, warm up;
-  activate: start the worker; deactivate/cleanup: stop it and free the model), the publish
-  decisions (lazy outputs by subscriber count, camera_info only at ``output_resolution:
-  network``), the ``max_input_age`` and ``max_input_pixels`` checks, the anomaly objects
-  (objects.py on the output maps, boxes in input pixels, drawn on the overlay), and the
-  diagnostics (figures and conditions from node_health; status named after the fully qualified
-  node, topics resolved).
-- ``detection_array_message`` builds the vision_msgs/Detection2DArray of the anomaly objects
-  from message classes passed in, so that it is tested without ROS.
+- ``NodeCore`` holds the transition duties (configure: validate the parameters of node_params, load
+  the artifact, warm up; activate: start the worker of node_worker, which runs each frame through
+  ``prepare`` -> ``infer`` -> ``publish``, on one thread or, with ``overlap_stages``, one thread
+  each; deactivate/cleanup: stop it and free the model), the publish decisions (lazy outputs by
+  subscriber count, camera_info only at ``output_resolution: network``), the ``max_input_age`` and
+  ``max_input_pixels`` checks, the anomaly objects (objects.py on the output maps, boxes in input
+  pixels, drawn on the overlay), and the diagnostics (figures and conditions from node_health;
+  status named after the fully qualified node, topics resolved).
+- The payloads it publishes beside the images (``CameraInfoOut``, ``LabelInfoOut``,
+  ``ObjectsOut``, ``DiagnosticReport``); ``detection_array_message`` builds the
+  vision_msgs/Detection2DArray of the anomaly objects (``objects.detection_array``) from message
+  classes passed in, so that it is tested without ROS.
 - ``Transport`` is what the core needs from ROS: subscriber counts, publishing, the node clock
   and the logger. node.py implements it with rclpy; the tests implement it with lists.
 """
@@ -25,7 +21,6 @@ import dataclasses
 import functools
 import math
 import os
-from pathlib import Path
 import sys
 import threading
 import time
@@ -33,30 +28,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from anomaly_seg_node.artifact import Sidecar, read_sidecar, resolve_threshold
-from anomaly_seg_node.backends import BACKENDS, DEVICES, PRECISIONS
-from anomaly_seg_node.errors import (
-    AnomalySegError,
-    ArtifactError,
-    BackendError,
-    ConfigError,
-    ImageDecodeError,
-)
+from anomaly_seg_node.artifact import Sidecar, read_sidecar
+from anomaly_seg_node.errors import AnomalySegError, BackendError, ConfigError, ImageDecodeError
 from anomaly_seg_node.image_codec import (
-    MAX_PIXELS,
-    MAX_SIDE,
     ImageFields,
     decode_compressed,
     decode_image,
     encode_image,
     stamp_ns,
 )
-from anomaly_seg_node.imaging import DEFAULT_RESIZE_MODE, RESIZE_MODES, Fit, plan_fit
+from anomaly_seg_node.imaging import Fit, plan_fit
 from anomaly_seg_node.node_health import (
     ERROR,
     OK,
     WARN,
-    WINDOW_S,
     Condition,
     FrameStats,
     LossEstimate,
@@ -65,332 +50,41 @@ from anomaly_seg_node.node_health import (
     loss_estimate,
     stall_condition,
 )
+from anomaly_seg_node.node_params import (
+    CONFIGURE,
+    SPECS,
+    STARTUP,
+    NodeConfig,
+    build_object_params,
+    check_value,
+    object_confidence_source,
+    resolve_artifact,
+    resolve_threshold_setting,
+    validate_params,
+)
+from anomaly_seg_node.node_worker import Frame, FrameWorker, NewestFrameSlot
 from anomaly_seg_node.objects import (
+    OBJECTS_TOPIC,
     AnomalyObject,
     ObjectParams,
+    detection_array,
     draw_objects,
     find_objects,
-    fpr_table_from_thresholds,
 )
-from anomaly_seg_node.pipeline import OUTPUTS, RESOLUTIONS, FramePipeline, scale_camera_info
+from anomaly_seg_node.pipeline import (
+    ENCODINGS,
+    OUTPUTS,
+    FramePipeline,
+    InferredFrame,
+    PreparedFrame,
+    scale_camera_info,
+)
 
-INPUT_TRANSPORTS = ('raw', 'compressed')
-# auto: a GPU when the backend finds one, else the CPU (WARN); cuda: a GPU or ERROR.
-NODE_DEVICES = ('auto', *DEVICES)
-RELIABILITIES = ('best_effort', 'reliable')
 # Topics, relative to the node's namespace so that namespaces and remaps work.
-INPUT_TOPICS = {'raw': 'image', 'compressed': 'image/compressed'}
 CAMERA_INFO_INPUT = 'camera_info'
 CAMERA_INFO_OUTPUT = 'network/camera_info'
 LABEL_INFO_TOPIC = 'label_info'
-OBJECTS_TOPIC = 'anomaly_objects'
-OBJECT_CLASS_ID = 'anomaly'  # hypothesis.class_id of every anomaly object
-# objects_drivable_classes: [auto] = those of these classes the artifact has (StreetHazards and
-# CARLA name the lane markings 'road line'); [none] = no restriction.
-ROAD_LIKE_CLASSES = ('road', 'road line', 'lane marking')
-DRIVABLE_AUTO, DRIVABLE_NONE = 'auto', 'none'
-ENCODINGS = {'semantic_mask': 'mono8', 'anomaly_score': '32FC1', 'anomaly_mask': 'mono8',
-             'semantic_color': 'rgb8', 'overlay': 'rgb8'}
-STARTUP, CONFIGURE, RUNTIME = 'startup', 'configure', 'runtime'
 LOG_PERIOD_S = 5.0  # at most one warning of a kind per period
-_MAX_AGE_S = 3600.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """One node parameter: what ParameterDescriptor says about it, and how it is checked."""
-
-    name: str
-    default: Any
-    description: str
-    kind: str = CONFIGURE
-    choices: tuple[str, ...] = ()
-    value_range: tuple[float, float] | None = None
-    dynamic_typing: bool = False
-
-    @property
-    def read_only(self) -> bool:
-        return self.kind == STARTUP
-
-    @property
-    def integer(self) -> bool:
-        """An integer parameter (ROS type INTEGER, range an IntegerRange)."""
-        return isinstance(self.default, int) and not isinstance(self.default, bool)
-
-    @property
-    def constraints(self) -> str:
-        """The descriptor's additional_constraints: allowed values and when a change applies."""
-        parts = []
-        if self.choices:
-            parts.append('one of: ' + ', '.join(self.choices))
-        if self.value_range is not None:
-            low, high = self.value_range
-            if self.integer:
-                parts.append(f'from {int(low)} to {int(high)}')
-            else:
-                parts.append(f'from {low:g} to {high:g}')
-        parts.append({STARTUP: 'read-only (set it at start)',
-                      CONFIGURE: 'read at configure; change it while unconfigured',
-                      RUNTIME: 'changeable at run time'}[self.kind])
-        return '; '.join(parts)
-
-
-PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec('artifact', '', 'Path to the artifact sidecar NAME.json written by anomaly-seg '
-              'export (NAME.onnx, and NAME.pt2 unless exported ONNX-only, lie beside it). Empty: '
-              'models/demo.json of the package share, when installed.'),
-    ParamSpec('backend', 'auto', 'Inference backend; auto picks tensorrt (cached engine), then '
-              'torch on CUDA, then onnxruntime, and says which on /diagnostics.',
-              choices=BACKENDS),
-    ParamSpec('device', 'auto', 'auto: a GPU when the backend finds one, else the CPU with a '
-              'WARN on /diagnostics; cuda: a GPU (running on the CPU anyway is an ERROR on '
-              '/diagnostics); cpu.', choices=NODE_DEVICES),
-    ParamSpec('precision', 'fp16', 'Inference precision (fp16 applies on CUDA only).',
-              choices=PRECISIONS),
-    ParamSpec('engine_cache_dir', '', 'Folder of TensorRT engines built by anomaly-seg '
-              'build-engine; empty: $ANOMALY_SEG_ENGINE_CACHE or ~/.cache/anomaly_seg/engines.'),
-    ParamSpec('allow_engine_build', False, 'Build and verify a missing TensorRT engine at '
-              'configure when the backend is tensorrt (or auto with torch_tensorrt and a GPU); '
-              'takes minutes. false: run anomaly-seg build-engine beforehand.'),
-    ParamSpec('input_transport', 'raw', 'raw subscribes to image (sensor_msgs/Image), compressed '
-              'to image/compressed (sensor_msgs/CompressedImage, jpeg or png).',
-              choices=INPUT_TRANSPORTS),
-    ParamSpec('input_reliability', 'best_effort', 'QoS reliability of the input subscription '
-              '(keep last 1); best_effort matches reliable and best-effort cameras.',
-              choices=RELIABILITIES),
-    ParamSpec('max_input_pixels', MAX_PIXELS, 'The largest frame the node takes, in pixels '
-              '(width x height): larger frames are dropped and counted as rejected_decode on '
-              '/diagnostics; a compressed one before it is decompressed, from the size its '
-              f'header declares. Default: 4K UHD plus 10 %. No 0 = off: {MAX_SIDE ** 2} '
-              f'({MAX_SIDE} x {MAX_SIDE}) leaves only the limit of {MAX_SIDE} pixels per side.',
-              value_range=(1, MAX_SIDE ** 2)),
-    ParamSpec('max_input_age', 0.5, 'Seconds; frames whose header stamp is older are dropped '
-              '(0 disables the check; frames with a zero stamp are never dropped).',
-              value_range=(0.0, _MAX_AGE_S)),
-    ParamSpec('input_timeout', 2.0, 'Seconds without an input frame after which /diagnostics '
-              'reports WARN (0 disables the watchdog).', value_range=(0.0, _MAX_AGE_S)),
-    ParamSpec('output_timeout', 10.0, 'Seconds of input arriving while nothing is published '
-              '(every frame rejected, stale or failing) after which /diagnostics reports ERROR; '
-              f'it reports WARN, naming the cause, after {WINDOW_S:g} s. 0: never ERROR.',
-              value_range=(0.0, _MAX_AGE_S)),
-    ParamSpec('camera_rate', 0.0, 'Nominal frame rate of the camera in Hz; /diagnostics counts '
-              'the frames lost before the node from header stamp gaps against it. 0: the rate '
-              'of the camera_info stamps, else of the shortest image stamp gaps.',
-              value_range=(0.0, 1000.0)),
-    ParamSpec('crop', [0, 0, 0, 0], 'Pixels cut from the top, bottom, left and right edges '
-              'before inference (e.g. the bonnet); 4 non-negative integers.'),
-    ParamSpec('resize_mode', DEFAULT_RESIZE_MODE, 'How the (cropped) frame is fitted to the '
-              "artifact's input size when their aspect ratios differ by more than 5 %: "
-              'letterbox keeps the aspect ratio and pads (every pixel is seen), crop_center '
-              'cuts the edges (label void, score NaN there), stretch distorts. Logged once at '
-              'the first frame of each size that differs.', choices=RESIZE_MODES),
-    ParamSpec('output_resolution', 'input', 'input: outputs at the camera size, crop undone; '
-              'network: at the artifact size, with a scaled network/camera_info.',
-              choices=RESOLUTIONS),
-    ParamSpec('anomaly_threshold', '', 'Anomaly mask threshold: a number (score units of '
-              'the artifact) or a threshold name of the sidecar (e.g. tpr95, fpr1, fpr0.1); '
-              'empty: the sidecar default.', kind=RUNTIME, dynamic_typing=True),
-    ParamSpec('overlay_alpha', 0.5, 'Weight of the colour mask in the overlay.', kind=RUNTIME,
-              value_range=(0.0, 1.0)),
-    ParamSpec('objects_drivable_classes', [DRIVABLE_AUTO], 'Anomaly objects only on these classes '
-              'of the artifact and objects_margin_px around them. [auto]: its road-like classes '
-              f'({", ".join(ROAD_LIKE_CLASSES)}: those it has; none of them: no restriction); '
-              '[none]: no restriction; else class names of the artifact (checked at configure '
-              'and when set).', kind=RUNTIME),
-    ParamSpec('objects_margin_px', 16, 'Pixels (of the output maps) the drivable area is grown '
-              'by, to keep the parts of an object that stands on it.', kind=RUNTIME,
-              value_range=(0, 4096)),
-    ParamSpec('objects_merge_px', 4, 'Anomaly fragments at most this many pixels apart form one '
-              'object (0: 8-connected components only).', kind=RUNTIME, value_range=(0, 4096)),
-    ParamSpec('objects_min_area_px', 50, 'Smallest anomaly object, in pixels of the output maps.',
-              kind=RUNTIME, value_range=(1, MAX_SIDE ** 2)),
-    ParamSpec('objects_min_area_fraction', 0.0, 'Smallest anomaly object as a share of the '
-              'output map (the larger of this and objects_min_area_px applies; 0: off).',
-              kind=RUNTIME, value_range=(0.0, 0.5)),
-    ParamSpec('objects_max', 32, 'Most anomaly objects per frame, the largest first.',
-              kind=RUNTIME, value_range=(1, 1000)),
-    ParamSpec('autostart', True, 'Configure and activate the lifecycle node on start; false: '
-              'wait for ros2 lifecycle set.', kind=STARTUP),
-)
-SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeConfig:
-    """Checked parameter values (the names and meanings of ``PARAMS``)."""
-
-    artifact: str = ''
-    backend: str = 'auto'
-    device: str = 'auto'
-    precision: str = 'fp16'
-    engine_cache_dir: str = ''
-    allow_engine_build: bool = False
-    input_transport: str = 'raw'
-    input_reliability: str = 'best_effort'
-    max_input_pixels: int = MAX_PIXELS
-    max_input_age: float = 0.5
-    input_timeout: float = 2.0
-    output_timeout: float = 10.0
-    camera_rate: float = 0.0
-    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
-    resize_mode: str = DEFAULT_RESIZE_MODE
-    output_resolution: str = 'input'
-    anomaly_threshold: str | float = ''
-    overlay_alpha: float = 0.5
-    objects_drivable_classes: tuple[str, ...] = (DRIVABLE_AUTO,)
-    objects_margin_px: int = 16
-    objects_merge_px: int = 4
-    objects_min_area_px: int = 50
-    objects_min_area_fraction: float = 0.0
-    objects_max: int = 32
-    autostart: bool = True
-
-    @property
-    def input_topic(self) -> str:
-        return INPUT_TOPICS[self.input_transport]
-
-
-def check_value(name: str, value: Any) -> Any:
-    """``value`` of parameter ``name`` in its checked form, or ConfigError saying the fix."""
-    spec = SPECS[name]
-    if isinstance(spec.default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f'parameter {name} must be true or false, got {value!r}')
-        return value
-    if name == 'crop':
-        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-            raise ConfigError(f'parameter crop must be 4 integers [top, bottom, left, right], '
-                              f'got {value!r}')
-        values = list(value)
-        if len(values) != 4 or not all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-                for v in values):
-            raise ConfigError(
-                'parameter crop must be 4 non-negative integers [top, bottom, left, right] '
-                f'(pixels cut from each edge), got {values!r}')
-        return tuple(int(v) for v in values)
-    if name == 'anomaly_threshold':
-        return _check_threshold(value)
-    if name == 'objects_drivable_classes':
-        return _check_class_names(value)
-    if spec.integer:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f'parameter {name} must be an integer ({spec.constraints}), got '
-                              f'{value!r}')
-        low, high = spec.value_range or (-math.inf, math.inf)
-        if not low <= value <= high:
-            raise ConfigError(f'parameter {name} must be {spec.constraints}, got {int(value)}')
-        return int(value)
-    if isinstance(spec.default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f'parameter {name} must be a number ({spec.constraints}), got '
-                              f'{value!r}')
-        number = float(value)
-        low, high = spec.value_range or (-math.inf, math.inf)
-        if not low <= number <= high:
-            raise ConfigError(f'parameter {name} must be {spec.constraints}, got {number:g}')
-        return number
-    if not isinstance(value, str):
-        raise ConfigError(f'parameter {name} must be a string, got {value!r}')
-    if spec.choices and value not in spec.choices:
-        raise ConfigError(f'parameter {name} must be one of {", ".join(spec.choices)}; got '
-                          f'{value!r}')
-    return value
-
-
-def _check_threshold(value: Any) -> str | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError('parameter anomaly_threshold must be a number or a threshold name of '
-                          f'the sidecar (e.g. tpr95), got {value!r}')
-    if isinstance(value, str):
-        return value.strip()
-    if not math.isfinite(value):
-        raise ConfigError(f'parameter anomaly_threshold must be finite, got {value!r}')
-    return float(value)
-
-
-def _check_class_names(value: Any) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
-            isinstance(name, str) for name in value):
-        raise ConfigError('parameter objects_drivable_classes must be a list of class names of '
-                          f'the artifact, [{DRIVABLE_AUTO}] or [{DRIVABLE_NONE}], got {value!r}')
-    names = tuple(name.strip() for name in value)
-    keywords = [name for name in names if name in (DRIVABLE_AUTO, DRIVABLE_NONE)]
-    if keywords and len(names) > 1:
-        raise ConfigError(f'parameter objects_drivable_classes: {keywords[0]} stands alone '
-                          f'([{keywords[0]}]), got {list(names)}')
-    return names
-
-
-def validate_params(values: Mapping[str, Any]) -> NodeConfig:
-    """A NodeConfig from parameter values (missing ones take their defaults; others ignored)."""
-    checked = {spec.name: check_value(spec.name, values.get(spec.name, spec.default))
-               for spec in PARAMS}
-    return NodeConfig(**checked)
-
-
-def resolve_artifact(value: str, share_dir: str | os.PathLike | None = None) -> Path:
-    """The sidecar path of the ``artifact`` parameter; empty: the demo artifact of the share."""
-    if value:
-        return Path(value).expanduser()
-    if share_dir is not None:
-        demo = Path(share_dir) / 'models' / 'demo.json'
-        if demo.is_file():
-            return demo
-    raise ArtifactError(
-        'parameter artifact is empty and no demo artifact is installed; set artifact to a '
-        'NAME.json written by anomaly-seg export (e.g. ros2 launch anomaly_seg camera.launch.py '
-        'artifact:=/path/NAME.json)')
-
-
-def resolve_threshold_setting(value: str | float, sidecar: Sidecar) -> float:
-    """A threshold setting (number, name, numeric string, or '' for the default) as a number."""
-    return resolve_threshold(sidecar, None if value == '' else value)
-
-
-def drivable_class_ids(names: Sequence[str], classes: Sequence[str]) -> tuple[int, ...]:
-    """The label ids of the ``objects_drivable_classes`` setting for an artifact's classes.
-
-    [auto]: the ROAD_LIKE_CLASSES it has (none: no restriction); [none] or []: no restriction;
-    else every name must be one of ``classes`` (ConfigError listing them otherwise).
-    """
-    names = tuple(names)
-    classes = list(classes)
-    if names == (DRIVABLE_AUTO,):
-        return tuple(sorted(classes.index(name) for name in ROAD_LIKE_CLASSES if name in classes))
-    if names in ((), (DRIVABLE_NONE,)):
-        return ()
-    unknown = [name for name in names if name not in classes]
-    if unknown:
-        raise ConfigError(f'parameter objects_drivable_classes names {unknown}, which are not '
-                          f'classes of the artifact; choose among {", ".join(classes)}, or '
-                          f'[{DRIVABLE_AUTO}] or [{DRIVABLE_NONE}]')
-    return tuple(sorted({classes.index(name) for name in names}))
-
-
-def build_object_params(config: NodeConfig, sidecar: Sidecar, threshold: float) -> ObjectParams:
-    """The ObjectParams of the objects_* parameters, at the node's current threshold."""
-    return ObjectParams(
-        threshold=threshold,
-        drivable_ids=drivable_class_ids(config.objects_drivable_classes, sidecar.classes),
-        drivable_margin=config.objects_margin_px, merge_distance=config.objects_merge_px,
-        min_area_px=config.objects_min_area_px,
-        min_area_fraction=config.objects_min_area_fraction, max_objects=config.objects_max)
-
-
-def object_confidence_source(sidecar: Sidecar) -> tuple[dict[float, float] | None, str]:
-    """The FPR table of the sidecar's fprN thresholds (None: the logistic) and a line saying
-    which confidence the objects get."""
-    names = sorted(name for name in sidecar.thresholds if name.startswith('fpr'))
-    try:
-        table = fpr_table_from_thresholds(sidecar.thresholds)
-    except ArtifactError as error:
-        return None, ('logistic of (max score - threshold), since the sidecar fpr thresholds '
-                      f'are inconsistent ({error})')
-    if table is None:
-        return None, ('logistic of (max score - threshold): the sidecar has fewer than two fprN '
-                      'thresholds')
-    return table, f'1 - false-alarm rate of the max score (sidecar {", ".join(names)})'
 
 
 def check_raw_pixels(msg: Any, max_pixels: int) -> None:
@@ -428,39 +122,13 @@ def network_box_to_input(box: tuple[int, int, int, int], fit: Fit,
     return col + crop_top_left[1], row + crop_top_left[0], out_w, out_h
 
 
-def detection_array_message(payload: 'ObjectsOut', array_cls: type, detection_cls: type,
-                            hypothesis_cls: type) -> Any:
-    """The vision_msgs/Detection2DArray of ``payload``, from the message classes given
-    (vision_msgs.msg Detection2DArray, Detection2D and ObjectHypothesisWithPose, or stand-ins).
-
-    Header: the input image's, on the array and on every detection. One Detection2D per object,
-    id its index; results: one hypothesis, class_id 'anomaly', score = the object's confidence;
-    bbox: centre and size of the box in input pixels (pixel (0, 0) covers [0, 1) x [0, 1), so a
-    box of columns x .. x + width - 1 is centred at x + width / 2), theta 0.
-    """
-    msg = array_cls()
-    if payload.header is not None:
-        msg.header = payload.header
-    detections = []
-    for index, (obj, (x, y, width, height)) in enumerate(
-            zip(payload.objects, payload.boxes, strict=True)):
-        detection = detection_cls()
-        if payload.header is not None:
-            detection.header = payload.header
-        detection.id = str(index)
-        hypothesis = hypothesis_cls()
-        hypothesis.hypothesis.class_id = OBJECT_CLASS_ID
-        hypothesis.hypothesis.score = float(obj.confidence)
-        detection.results = [hypothesis]
-        # rosidl's float64 setters refuse ints: every value is a float
-        detection.bbox.center.position.x = float(x + width / 2)
-        detection.bbox.center.position.y = float(y + height / 2)
-        detection.bbox.center.theta = 0.0
-        detection.bbox.size_x = float(width)
-        detection.bbox.size_y = float(height)
-        detections.append(detection)
-    msg.detections = detections
-    return msg
+def detection_array_message(payload: 'ObjectsOut', types: Mapping[str, Any]) -> Any:
+    """The vision_msgs/Detection2DArray of ``payload`` (``objects.detection_array``) from the
+    message classes ``types`` (``objects.message_classes`` of rclpy's vision_msgs.msg and
+    geometry_msgs.msg, or a rosbags typestore's): the input image's header, one Detection2D per
+    object with its box in input pixels and its confidence."""
+    return detection_array(types, payload.header, payload.boxes,
+                           [obj.confidence for obj in payload.objects])
 
 
 def expand_topic(node_name: str, topic: str) -> str:
@@ -509,100 +177,6 @@ class Throttle:
             return True, self._held.pop(key, 0)
 
 
-@dataclasses.dataclass
-class Frame:
-    """An input message as it arrived: when (monotonic ns) and whether it is compressed."""
-
-    msg: Any
-    compressed: bool
-    arrival_ns: int
-
-
-class NewestFrameSlot:
-    """A one-frame mailbox: a put replaces the pending frame (counted as dropped)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-        self.received = 0
-        self.dropped = 0
-
-    def put(self, item: Any) -> bool:
-        """Store ``item``; True when it replaced a frame nobody had taken (a drop)."""
-        with self._cond:
-            replaced = self._item is not None
-            self.dropped += replaced
-            self.received += 1
-            self._item = item
-            self._cond.notify()
-        return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """The pending frame, waiting up to ``timeout`` s; None on timeout or once closed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
-            item, self._item = self._item, None
-            return item
-
-    def close(self) -> None:
-        """Wake every taker; the pending frame is discarded."""
-        with self._cond:
-            self._closed = True
-            self._item = None
-            self._cond.notify_all()
-
-    def reopen(self) -> None:
-        with self._cond:
-            self._closed = False
-            self._item = None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-
-class FrameWorker:
-    """The thread that takes frames from the slot and handles them until stopped.
-
-    An exception from ``handle`` goes to ``on_error`` and the loop goes on: bad input or a
-    failing frame never kills the worker.
-    """
-
-    def __init__(self, slot: NewestFrameSlot, handle: Callable[[Any], None],
-                 on_error: Callable[[BaseException], None],
-                 name: str = 'anomaly_seg_worker') -> None:
-        self.slot = slot
-        self.handle = handle
-        self.on_error = on_error
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self.slot.reopen()
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Close the slot and join; False when the thread is still busy after ``timeout``."""
-        self.slot.close()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self.slot.closed:
-            item = self.slot.take(timeout=0.5)
-            if item is None:
-                continue
-            try:
-                self.handle(item)
-            except Exception as error:  # logged and counted by on_error
-                self.on_error(error)
-
-
 @dataclasses.dataclass(frozen=True)
 class CameraInfoOut:
     """network/camera_info: the input CameraInfo with K and P scaled to the artifact size."""
@@ -643,6 +217,24 @@ class DiagnosticReport:
     values: tuple[tuple[str, str], ...]
 
 
+@dataclasses.dataclass
+class FrameJob:
+    """One frame between the worker's stages, with what was decided when it was taken."""
+
+    frame: Frame
+    header: Any
+    stamp: int  # ns; 0: none
+    pipeline: FramePipeline
+    config: NodeConfig
+    frame_hw: tuple[int, int]  # of the decoded frame
+    want: set[str]  # the image outputs to publish
+    objects_subscribed: bool
+    object_params: ObjectParams | None  # None: no anomaly objects for this frame
+    info_wanted: bool  # network/camera_info
+    prepared: PreparedFrame | None  # None: no output to compute (camera_info only)
+    inferred: InferredFrame | None = None
+
+
 class Transport(Protocol):
     """What NodeCore needs from ROS (node.py) or from a test."""
 
@@ -659,19 +251,19 @@ class Transport(Protocol):
 
 class Loader(Protocol):
     def __call__(self, sidecar: Sidecar, backend: str, device: str, precision: str,
-                 engine_cache_dir: str | None) -> Any: ...
+                 engine_cache_dir: str | None, ort_threads: int) -> Any: ...
 
 
 def _load_backend(sidecar: Sidecar, backend: str, device: str, precision: str,
-                  engine_cache_dir: str | None) -> Any:
+                  engine_cache_dir: str | None, ort_threads: int) -> Any:
     from anomaly_seg_node.backends import load
 
     return load(sidecar, backend=backend, device=device, precision=precision,
-                engine_cache_dir=engine_cache_dir)
+                engine_cache_dir=engine_cache_dir, ort_threads=ort_threads)
 
 
 class NodeCore:
-    """The node without ROS: transitions, newest-frame worker, publish decisions, diagnostics.
+    """The node without ROS: transitions, the worker's stages, publish decisions, diagnostics.
 
     States follow the ROS 2 lifecycle: unconfigured -> (configure) inactive -> (activate) active
     -> (deactivate) inactive -> (cleanup) unconfigured; shutdown -> finalized from any of them.
@@ -769,18 +361,20 @@ class NodeCore:
 
     def _load(self, sidecar: Sidecar, config: NodeConfig) -> Any:
         """The backend on the device asked for; device auto tries cuda, then the CPU (fp32)."""
-        cache = config.engine_cache_dir or None
+        cache, threads = config.engine_cache_dir or None, config.ort_threads
         self.device_note = ''
         if config.device != 'auto':
-            return self.loader(sidecar, config.backend, config.device, config.precision, cache)
+            return self.loader(sidecar, config.backend, config.device, config.precision, cache,
+                               threads)
         try:
             # backend auto falls back to the CPU by itself and says why in its reason.
-            segmenter = self.loader(sidecar, config.backend, 'cuda', config.precision, cache)
+            segmenter = self.loader(sidecar, config.backend, 'cuda', config.precision, cache,
+                                    threads)
         except BackendError as gpu_error:
             if config.backend == 'tensorrt':  # runs on a GPU only
                 raise
             try:
-                segmenter = self.loader(sidecar, config.backend, 'cpu', 'fp32', cache)
+                segmenter = self.loader(sidecar, config.backend, 'cpu', 'fp32', cache, threads)
             except BackendError as cpu_error:
                 raise BackendError(f'{cpu_error} (device auto tried cuda first: {gpu_error})'
                                    ) from None
@@ -791,11 +385,14 @@ class NodeCore:
         return segmenter
 
     def activate(self) -> None:
-        """Start the worker thread; the caller subscribes afterwards."""
+        """Start the worker (one thread, or one per stage with overlap_stages); the caller
+        subscribes afterwards."""
         self._expect('activate', 'inactive')
         self.slot = NewestFrameSlot()
         self.stats = FrameStats()
-        self.worker = FrameWorker(self.slot, self.process, self._on_worker_error)
+        stages = ((self.prepare, self.infer, self.publish) if self.config.overlap_stages
+                  else (self.process,))
+        self.worker = FrameWorker(self.slot, stages, self._on_worker_error)
         self.worker.start()
         self.activated_ns = self.monotonic_ns()
         self.state = 'active'
@@ -926,10 +523,18 @@ class NodeCore:
             self.stats.camera_info(self.monotonic_ns(), stamp_ns(getattr(msg, 'header', None)))
 
     def process(self, frame: Frame) -> None:
-        """Run one frame through the pipeline and publish what is subscribed (worker thread)."""
+        """Run one frame through the pipeline and publish what is subscribed: the worker's
+        three stages in one call (worker thread)."""
+        job = self.prepare(frame)
+        if job is not None:
+            self.publish(self.infer(job))
+
+    def prepare(self, frame: Frame) -> FrameJob | None:
+        """Stage 1: the checks (age, subscribers, pixel budget), decode, crop and fit; None
+        when the frame ends here (counted)."""
         pipeline, config = self.pipeline, self.config
         if pipeline is None:
-            return
+            return None
         header = getattr(frame.msg, 'header', None)
         stamp = stamp_ns(header)
         if config.max_input_age > 0 and stamp > 0:
@@ -939,17 +544,18 @@ class NodeCore:
                 self.warn('stale', f'dropped a frame {age_s:.3f} s old (max_input_age '
                           f'{config.max_input_age:g} s); check the camera and node clocks '
                           '(use_sim_time when replaying a bag) or raise max_input_age')
-                return
+                return None
         counts = {name: self.transport.subscription_count(name) for name in OUTPUTS}
         want = wanted_outputs(counts)
         objects_subscribed = self.transport.subscription_count(OBJECTS_TOPIC) > 0
         params = self.object_params
-        objects_wanted = params is not None and wants_objects(objects_subscribed, want)
+        if params is not None and not wants_objects(objects_subscribed, want):
+            params = None
         info_wanted = wants_camera_info(config.output_resolution,
                                         self.transport.subscription_count(CAMERA_INFO_OUTPUT))
-        if not want and not objects_wanted and not info_wanted:
+        if not want and params is None and not info_wanted:
             self.stats.count('skipped_unsubscribed', self.monotonic_ns())
-            return
+            return None
         try:
             if frame.compressed:
                 rgb = decode_compressed(frame.msg, max_pixels=config.max_input_pixels)
@@ -959,31 +565,48 @@ class NodeCore:
         except ImageDecodeError as error:
             self.stats.count('rejected_decode', self.monotonic_ns(), str(error))
             self.warn('decode', f'dropped a frame that cannot be decoded: {error}')
-            return
+            return None
         compute = set(want)
-        if objects_wanted and params is not None:
+        if params is not None:
             compute.add('anomaly_score')
             if params.drivable_ids:
                 compute.add('semantic_mask')
-        result = pipeline.process(rgb, compute) if compute else None
+        return FrameJob(frame=frame, header=header, stamp=stamp, pipeline=pipeline,
+                        config=config, frame_hw=(rgb.shape[0], rgb.shape[1]), want=want,
+                        objects_subscribed=objects_subscribed, object_params=params,
+                        info_wanted=info_wanted,
+                        prepared=pipeline.prepare(rgb, compute) if compute else None)
+
+    def infer(self, job: FrameJob) -> FrameJob:
+        """Stage 2: the segmenter."""
+        if job.prepared is not None:
+            job.inferred = job.pipeline.infer(job.prepared)
+        return job
+
+    def publish(self, job: FrameJob) -> None:
+        """Stage 3: the outputs at output resolution, the anomaly objects, publishing, the
+        frame's figures."""
+        pipeline, header = job.pipeline, job.header
+        result = pipeline.render(job.inferred) if job.inferred is not None else None
         found = None
-        if objects_wanted and params is not None and result is not None:
-            found = self._objects(result, params, pipeline, rgb.shape[:2], header)
+        if job.object_params is not None and result is not None:
+            found = self._objects(result, job.object_params, pipeline, job.frame_hw, header)
         for name in OUTPUTS:
             array = getattr(result, name, None)
-            if array is not None and name in want:
+            if array is not None and name in job.want:
                 self.transport.publish(name, encode_image(array, ENCODINGS[name], header))
-        if found is not None and objects_subscribed:
+        if found is not None and job.objects_subscribed:
             self.transport.publish(OBJECTS_TOPIC, found)
-        if info_wanted:
-            info = self._network_camera_info(header, rgb.shape[:2], pipeline, config)
+        if job.info_wanted:
+            info = self._network_camera_info(header, job.frame_hw, pipeline, job.config)
             if info is not None:
                 self.transport.publish(CAMERA_INFO_OUTPUT, info)
         done, now = self.monotonic_ns(), self.transport.now_ns()
         # No latency without a stamp, or before /clock ticks under use_sim_time (now is 0).
+        stamp = job.stamp
         latency = (now - stamp) / 1e6 if stamp > 0 and now > 0 else None
         infer = result.timings_ms.get('infer') if result is not None else None
-        self.stats.done(done, (done - frame.arrival_ns) / 1e6, latency, infer,
+        self.stats.done(done, (done - job.frame.arrival_ns) / 1e6, latency, infer,
                         None if found is None else len(found.objects))
 
     def _objects(self, result: Any, params: ObjectParams, pipeline: FramePipeline,

@@ -36,6 +36,9 @@ area, scores, centroid) is a bincount or ufunc.at over the mask pixels alone, so
 a threshold, one labelling of that box and work in proportion to its anomalous pixels; about
 2 to 3 ms at 720 x 1280 with ~1 % of the pixels above the threshold on a loaded 2-core CPU.
 numpy and OpenCV only.
+
+`detection_array` writes the objects of a frame as a vision_msgs/msg/Detection2DArray from the
+message classes it is given: rclpy's (the node) or a rosbags typestore's (the replay's bag).
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ import numpy as np
 from anomaly_seg_node.errors import ArtifactError, ConfigError, DataError
 
 DEFAULT_MAX_OBJECTS = 32
+OBJECTS_TOPIC = 'anomaly_objects'  # the Detection2DArray topic of the node and the replay's bag
+OBJECT_CLASS_ID = 'anomaly'  # hypothesis.class_id of every anomaly object
+# The messages of a Detection2DArray (vision_msgs 4; the hypothesis pose is geometry_msgs').
+DETECTION_TYPES = (
+    'vision_msgs/msg/Detection2DArray', 'vision_msgs/msg/Detection2D',
+    'vision_msgs/msg/ObjectHypothesisWithPose', 'vision_msgs/msg/ObjectHypothesis',
+    'vision_msgs/msg/BoundingBox2D', 'vision_msgs/msg/Pose2D', 'vision_msgs/msg/Point2D',
+    'geometry_msgs/msg/PoseWithCovariance', 'geometry_msgs/msg/Pose', 'geometry_msgs/msg/Point',
+    'geometry_msgs/msg/Quaternion')
 DEFAULT_BOX_COLOR = (255, 0, 255)  # magenta: apart from the overlay's cyan anomaly pixels
 _FPR_NAME = re.compile(r'fpr(\d+(?:\.\d+)?)')  # sidecar names: fpr1 = 1 %, fpr0.1 = 0.1 %
 
@@ -397,3 +409,52 @@ def draw_objects(rgb: np.ndarray, objects: Sequence[AnomalyObject],
             cv2.putText(image, f'{obj.confidence:.2f}', (left, text_y),
                         cv2.FONT_HERSHEY_SIMPLEX, font_scale, rgb_color, 1, cv2.LINE_AA)
     return image
+
+
+def message_classes(*modules: Any) -> dict[str, Any]:
+    """{type name: class} of every `DETECTION_TYPES` entry from generated message modules
+    (rclpy's ``vision_msgs.msg`` and ``geometry_msgs.msg``), for `detection_array`."""
+    packages = {module.__name__.split('.')[0]: module for module in modules}
+    return {name: getattr(packages[name.split('/')[0]], name.rsplit('/', 1)[1])
+            for name in DETECTION_TYPES}
+
+
+def detection_array(types: Mapping[str, Any], header: Any,
+                    boxes: Sequence[tuple[float, float, float, float]],
+                    confidences: Sequence[float],
+                    scale_xy: tuple[float, float] = (1.0, 1.0)) -> Any:
+    """A vision_msgs/msg/Detection2DArray of anomaly objects, built from ``types`` = {type name:
+    message class} of `DETECTION_TYPES`: a rosbags typestore's ``types`` or `message_classes`
+    of rclpy's modules. Every field is given, as rosbags' classes need.
+
+    ``header`` (the input image's; None: the classes' default) goes on the array and on every
+    detection. One Detection2D per box (x, y, width, height), ``id`` its index: a single
+    hypothesis, class_id 'anomaly', score = the confidence, with an identity pose and zero
+    covariance; an axis-aligned bbox (theta 0) covering [x, x + width) x [y, y + height) times
+    ``scale_xy`` (input pixels per pixel of the boxes), so pixel (0, 0) covers [0, 1) x [0, 1)
+    and the centre is (x + width / 2) * sx. Every number is a float (rosidl's float64 setters
+    refuse ints).
+    """
+    sx, sy = (float(v) for v in scale_xy)
+    pose = types['geometry_msgs/msg/PoseWithCovariance'](
+        pose=types['geometry_msgs/msg/Pose'](
+            position=types['geometry_msgs/msg/Point'](x=0.0, y=0.0, z=0.0),
+            orientation=types['geometry_msgs/msg/Quaternion'](x=0.0, y=0.0, z=0.0, w=1.0)),
+        covariance=np.zeros(36, dtype=np.float64))
+    stamp = {} if header is None else {'header': header}
+    detections = []
+    for index, ((x, y, width, height), confidence) in enumerate(
+            zip(boxes, confidences, strict=True)):
+        hypothesis = types['vision_msgs/msg/ObjectHypothesisWithPose'](
+            hypothesis=types['vision_msgs/msg/ObjectHypothesis'](
+                class_id=OBJECT_CLASS_ID, score=float(confidence)),
+            pose=pose)
+        centre = types['vision_msgs/msg/Pose2D'](
+            position=types['vision_msgs/msg/Point2D'](x=float((x + width / 2) * sx),
+                                                      y=float((y + height / 2) * sy)),
+            theta=0.0)
+        bbox = types['vision_msgs/msg/BoundingBox2D'](
+            center=centre, size_x=float(width * sx), size_y=float(height * sy))
+        detections.append(types['vision_msgs/msg/Detection2D'](
+            **stamp, results=[hypothesis], bbox=bbox, id=str(index)))
+    return types['vision_msgs/msg/Detection2DArray'](**stamp, detections=detections)

@@ -20,8 +20,8 @@ from anomaly_seg_node.artifact import atomic_write_bytes
 from anomaly_seg_node.bag_reader import BagSource, Topic
 from anomaly_seg_node.errors import BagError
 from anomaly_seg_node.image_codec import encode_image, to_message
-from anomaly_seg_node.objects import AnomalyObject, draw_objects
-from anomaly_seg_node.pipeline import FrameResult
+from anomaly_seg_node.objects import OBJECTS_TOPIC, detection_array, draw_objects
+from anomaly_seg_node.pipeline import ENCODINGS, OUTPUTS, FrameResult
 
 if TYPE_CHECKING:
     from anomaly_seg_node.replay import Frame
@@ -225,8 +225,6 @@ VISION_MSGS = {
     'vision_msgs/msg/Detection2DArray': 'std_msgs/Header header\nDetection2D[] detections\n',
 }
 DETECTIONS_TYPE = 'vision_msgs/msg/Detection2DArray'
-OBJECTS_TOPIC = 'anomaly_objects'
-OBJECT_CLASS_ID = 'anomaly'
 
 
 def register_vision_msgs(typestore: Any) -> None:
@@ -241,51 +239,17 @@ def register_vision_msgs(typestore: Any) -> None:
     typestore.register(types)
 
 
-def detection_array(types: Any, header: Any, objects: list[AnomalyObject],
-                    scale_xy: tuple[float, float] = (1.0, 1.0)) -> Any:
-    """A vision_msgs/msg/Detection2DArray of anomaly objects (rosbags message classes `types`).
-
-    One Detection2D per object, with the frame's header: a single hypothesis ``class_id``
-    'anomaly' whose score is the object's confidence, no pose (identity, zero covariance), an
-    axis-aligned box (theta 0) whose centre and size are in pixels of the input image: the box
-    covers [x, x + width) x [y, y + height) of the map the objects were found on, times
-    ``scale_xy`` (input pixels per map pixel), so centre = x + width / 2. ``id`` stays empty:
-    objects are not tracked across frames.
-    """
-    sx, sy = scale_xy
-    pose = types['geometry_msgs/msg/PoseWithCovariance'](
-        pose=types['geometry_msgs/msg/Pose'](
-            position=types['geometry_msgs/msg/Point'](x=0.0, y=0.0, z=0.0),
-            orientation=types['geometry_msgs/msg/Quaternion'](x=0.0, y=0.0, z=0.0, w=1.0)),
-        covariance=np.zeros(36, dtype=np.float64))
-    detections = []
-    for index, obj in enumerate(objects):
-        hypothesis = types['vision_msgs/msg/ObjectHypothesisWithPose'](
-            hypothesis=types['vision_msgs/msg/ObjectHypothesis'](
-                class_id=OBJECT_CLASS_ID, score=float(obj.confidence)),
-            pose=pose)
-        centre = types['vision_msgs/msg/Pose2D'](
-            position=types['vision_msgs/msg/Point2D'](x=(obj.x + obj.width / 2.0) * sx,
-                                                      y=(obj.y + obj.height / 2.0) * sy),
-            theta=0.0)
-        bbox = types['vision_msgs/msg/BoundingBox2D'](center=centre, size_x=obj.width * sx,
-                                                      size_y=obj.height * sy)
-        detections.append(types['vision_msgs/msg/Detection2D'](
-            header=header, results=[hypothesis], bbox=bbox, id=str(index)))
-    return types[DETECTIONS_TYPE](header=header, detections=detections)
-
-
 class BagSink:
     """A rosbag2 with the input's messages and the node's outputs of every processed frame.
 
     Outputs go to ``{namespace}/{output}`` (sensor_msgs/Image: semantic_mask and anomaly_mask
     mono8, anomaly_score 32FC1, semantic_color and overlay rgb8), with the input image's header
     and bag time; when the replay finds anomaly objects, each processed frame also gets a
-    vision_msgs/msg/Detection2DArray on ``{namespace}/anomaly_objects`` (`detection_array`;
-    empty when the frame has none). The input topics of a rosbag2 are copied byte for byte;
-    those of a ROS 1 bag are not (their messages are not ROS 2 messages). The bag is written
-    beside its final place and moved there by ``close()``; a write failure is recorded and
-    stops the bag only.
+    vision_msgs/msg/Detection2DArray on ``{namespace}/anomaly_objects``
+    (`objects.detection_array`, boxes in input pixels; empty when the frame has none). The input
+    topics of a rosbag2 are copied byte for byte; those of a ROS 1 bag are not (their messages
+    are not ROS 2 messages). The bag is written beside its final place and moved there by
+    ``close()``; a write failure is recorded and stops the bag only.
     """
 
     def __init__(self, path: str | Path, namespace: str = '/anomaly_seg',
@@ -346,9 +310,6 @@ class BagSink:
         self._guard(copy)
 
     def on_result(self, frame: Frame, result: FrameResult) -> None:
-        outputs = (('semantic_mask', 'mono8'), ('anomaly_score', '32FC1'),
-                   ('anomaly_mask', 'mono8'), ('semantic_color', 'rgb8'), ('overlay', 'rgb8'))
-
         def write() -> None:
             ts = self._ts
             types = ts.types
@@ -357,19 +318,20 @@ class BagSink:
                                                            nanosec=frame.stamp_ns % 10 ** 9),
                 frame_id=frame.frame_id)
             image_cls = types['sensor_msgs/msg/Image']
-            for name, encoding in outputs:
+            for name in OUTPUTS:
                 array = getattr(result, name)
                 if array is None:
                     continue
                 self._put(f'{self.namespace}/{name}', frame.bag_ns,
-                          to_message(encode_image(array, encoding, header), image_cls))
+                          to_message(encode_image(array, ENCODINGS[name], header), image_cls))
             if frame.objects is not None:
                 scale = (1.0, 1.0)
                 if frame.image is not None:
                     map_h, map_w = _map_hw(result, frame.image)
                     scale = (frame.image.shape[1] / map_w, frame.image.shape[0] / map_h)
                 self._put(f'{self.namespace}/{OBJECTS_TOPIC}', frame.bag_ns,
-                          detection_array(types, header, frame.objects, scale))
+                          detection_array(types, header, [obj.box for obj in frame.objects],
+                                          [obj.confidence for obj in frame.objects], scale))
 
         self._guard(write)
 

@@ -24,6 +24,7 @@ median and the 10th-90th percentile spread. Nothing heavy is imported at module 
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -40,8 +41,6 @@ import numpy as np
 from anomaly_seg_node.errors import AnomalySegError, ArtifactError, BackendError, ConfigError
 
 MAIN_OUTPUTS = ('semantic_mask', 'anomaly_score', 'anomaly_mask')
-ENCODINGS = {'semantic_mask': 'mono8', 'anomaly_score': '32FC1', 'anomaly_mask': 'mono8',
-             'semantic_color': 'rgb8', 'overlay': 'rgb8'}
 # Issue 5 §4.
 TARGETS = {'dh_vs_segmentation': 1.03, 'dh_vs_fcn': 1.45, 'outside_vs_copy': 5.0}
 # Pipeline stages that are not inference, for the three main outputs (colour/overlay excluded).
@@ -74,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='plain ResNet-18 FCN in ONNX at the artifact size (default: built '
                              'with training.reference_fcn when torch is installed)')
     parser.add_argument('--threads', type=int, default=None, metavar='T',
-                        help="onnxruntime intra-op threads of the timed graphs (default: "
-                             "onnxruntime's, as the node runs; 1 gives steadier ratios on a "
-                             'shared machine)')
+                        help="onnxruntime intra-op threads of the timed graphs and the frame, "
+                             "as the node's ort_threads parameter (default: onnxruntime's, as "
+                             'the node runs by default; 1 gives steadier ratios on a shared '
+                             'machine)')
     parser.add_argument('--out', metavar='DIR', help='write bench.json and bench.md here')
 
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             missing.append(f'{graph}: skipped on {chosen["backend"]}: {why}')
             del graphs[graph]
             continue
-        loaded[graph] = _load(sc, chosen)
+        loaded[graph] = _load(sc, chosen, args.threads)
         runners[graph] = graph_runner(loaded[graph], frame, args.threads)
     dh = graphs.get('DH')
     reference, reference_note = reference_model(args, sidecar, out)
@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({**config, 'key': key, 'skipped': why})
                 continue
             try:
-                segmenter = loaded['DH'] if config == chosen else _load(dh, config)
+                segmenter = (loaded['DH'] if config == chosen
+                             else _load(dh, config, args.threads))
                 backend_runners[key] = graph_runner(segmenter, frame, args.threads)
                 rows.append({**config, 'key': key, 'providers': _providers(segmenter)})
             except AnomalySegError as error:
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. One frame as the node runs it, on the chosen backend with the main artifact.
     frame_size = tuple(args.frame_size) if args.frame_size else sidecar.input_size
-    main = loaded.get(sidecar.score.name) or _load(sidecar, chosen)
+    main = loaded.get(sidecar.score.name) or _load(sidecar, chosen, args.threads)
     report['stages'] = frame_stages(main, frame_size, args.encoding, warmup, iterations)
 
     report['ratios'] = ratios(times, pair, report['stages'], reference_note)
@@ -305,10 +306,13 @@ def available_configs() -> list[dict[str, str]]:
     return configs
 
 
-def _load(sidecar: Any, config: Mapping[str, str]) -> Any:
+def _load(sidecar: Any, config: Mapping[str, str], threads: int | None = None) -> Any:
+    """The backend of `config`; an onnxruntime one with `threads` intra-op threads (None:
+    onnxruntime's default), as the node's ort_threads parameter sets them."""
     from anomaly_seg_node import backends
 
-    return backends.load(sidecar, config['backend'], config['device'], config['precision'])
+    return backends.load(sidecar, config['backend'], config['device'], config['precision'],
+                         ort_threads=threads or 0)
 
 
 def _providers(segmenter: Any) -> list[str] | None:
@@ -373,14 +377,15 @@ def graph_runner(segmenter: Any, frame: np.ndarray, threads: int | None = None
                  ) -> Callable[[], Any]:
     """A call that runs only the graph of a loaded backend, input already converted.
 
-    `threads` (onnxruntime only): a session of the same file and providers with that many
-    intra-op threads instead of the backend's own (onnxruntime's default).
+    `threads` (onnxruntime only): the backend's own session when it runs that many intra-op
+    threads (`_load` with the same `threads`), else a session of the same file and providers
+    with that many.
     """
     batch = segmenter.batch
     frames = np.ascontiguousarray(np.repeat(frame[None], batch, axis=0))
     session = getattr(segmenter, 'session', None)
     if session is not None:
-        if threads is not None:
+        if threads is not None and getattr(segmenter, 'threads', 0) != threads:
             return onnx_runner(segmenter.sidecar.file_path('onnx'), session.get_providers(),
                                frame, batch, threads)
         image = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
@@ -408,9 +413,9 @@ def onnx_runner(path: str | os.PathLike, providers: Sequence[Any], frame: np.nda
     """Graph-only call of an ONNX file in onnxruntime (intra-op `threads`, None = default)."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    from anomaly_seg_node.backends import session_options
+
+    options = session_options(onnxruntime, threads or 0)
     session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
     frames = np.repeat(frame[None], batch, axis=0)
     image = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)
@@ -504,6 +509,8 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
     moves the same input and main-output bytes once with np.copyto. 'objects' (apart from the
     stages) times `objects.find_objects` on the pipeline's score and labels at the frame size
     and on the same maps resized to the artifact size, with the replay's default parameters.
+    The graph is timed through a copy of `segmenter` (`_timed_view`): the backend measured is
+    left unchanged.
     """
     import cv2
 
@@ -514,11 +521,11 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
         find_objects,
         fpr_table_from_thresholds,
     )
-    from anomaly_seg_node.pipeline import OUTPUTS, FramePipeline
+    from anomaly_seg_node.pipeline import ENCODINGS, OUTPUTS, FramePipeline
     from anomaly_seg_node.replay_command import OBJECT_DEFAULTS
 
     sidecar = segmenter.sidecar
-    timed = _time_graph_of(segmenter)
+    timed_segmenter, timed = _timed_view(segmenter)
     try:
         threshold = resolve_threshold(sidecar)
     except ArtifactError:
@@ -536,8 +543,8 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
     object_samples: dict[str, dict[str, list[float]]] = {
         'frame_size': {'ms': [], 'flagged': [], 'objects': []},
         'artifact_size': {'ms': [], 'flagged': [], 'objects': []}}
-    pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
-                             output_resolution='input', threshold=threshold,
+    pipeline = FramePipeline(timed_segmenter, sidecar.classes, sidecar.palette,
+                             sidecar.void_id, output_resolution='input', threshold=threshold,
                              pad_rgb=sidecar.pad_rgb)
     height, width = frame_size
     rgb = synthetic_frame(height, width, seed=1)
@@ -621,18 +628,21 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
     }
 
 
-def _time_graph_of(segmenter: Any) -> _TimedGraph:
-    """Replace the backend's session/module by a timing wrapper (once) and return it."""
-    if getattr(segmenter, 'session', None) is not None:
-        if not isinstance(segmenter.session, _TimedGraph):
-            segmenter.session = _TimedGraph(segmenter.session)
-        return segmenter.session
-    if getattr(segmenter, 'module', None) is not None:
-        if not isinstance(segmenter.module, _TimedGraph):
-            torch = segmenter.torch
-            sync = torch.cuda.synchronize if segmenter.device == 'cuda' else None
-            segmenter.module = _TimedGraph(segmenter.module, sync)
-        return segmenter.module
+def _timed_view(segmenter: Any) -> tuple[Any, _TimedGraph]:
+    """A shallow copy of the backend whose session or module is a timing wrapper of the
+    backend's own, and that wrapper. The backend itself is left as it is: whoever holds it
+    (the graph runners, a caller, another thread) keeps running the untimed graph."""
+    for attribute in ('session', 'module'):
+        inner = getattr(segmenter, attribute, None)
+        if inner is None:
+            continue
+        sync = None
+        if attribute == 'module' and segmenter.device == 'cuda':
+            sync = segmenter.torch.cuda.synchronize
+        timed = _TimedGraph(inner, sync)
+        view = copy.copy(segmenter)
+        setattr(view, attribute, timed)
+        return view, timed
     raise BackendError(f'cannot time the graph of {segmenter!r}')
 
 

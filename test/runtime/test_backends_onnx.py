@@ -22,7 +22,7 @@ from anomaly_seg_node.artifact import (
     read_sidecar,
     write_sidecar,
 )
-from anomaly_seg_node.errors import ArtifactError, BackendError
+from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
@@ -169,3 +169,26 @@ def test_int8_artifact_elsewhere_is_refused_with_the_fix(tmp_path: Path) -> None
     with pytest.raises(BackendError, match=r"unknown precision 'int8'"):
         backends.load(path, 'onnxruntime', 'cpu', 'int8')
     assert backends.choose_backend(sidecar, 'cuda', 'fp16')[:3] == ('onnxruntime', 'cpu', 'fp32')
+
+
+@pytest.mark.parametrize('threads', [0, 1, 2])
+def test_ort_threads_reach_the_session(tmp_path: Path, threads: int) -> None:
+    path = artifact(tmp_path, stand_in_graph())
+    segmenter = backends.load(path, backend='onnxruntime', ort_threads=threads)
+    assert segmenter.threads == threads
+    # 0 leaves onnxruntime's default, which its SessionOptions report as 0
+    assert segmenter.session.get_session_options().intra_op_num_threads == threads
+    # auto on the CPU picks onnxruntime and passes the threads on too
+    auto = backends.load(path, backend='auto', device='cpu', ort_threads=threads)
+    assert auto.session.get_session_options().intra_op_num_threads == threads
+
+
+@pytest.mark.parametrize('threads', [-1, 1.5, True, '2', None])
+def test_ort_threads_must_be_a_non_negative_integer(tmp_path: Path, threads: object) -> None:
+    with pytest.raises(ConfigError, match=r'ort_threads must be an integer >= 0'):
+        backends.load(artifact(tmp_path, stand_in_graph()), backend='onnxruntime',
+                      ort_threads=threads)  # type: ignore[arg-type]
+    import onnxruntime
+
+    with pytest.raises(ConfigError, match=r'ort_threads must be an integer >= 0'):
+        backends.session_options(onnxruntime, threads)  # type: ignore[arg-type]

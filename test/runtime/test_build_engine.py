@@ -575,7 +575,7 @@ def test_node_builds_at_configure_only_when_allowed(
         return tmp_path / 'engine.pt2'
 
     def loader(sidecar: Sidecar, backend: str, device: str, precision: str,
-               cache_dir: str | None) -> _Segmenter:
+               cache_dir: str | None, ort_threads: int) -> _Segmenter:
         order.append('load')
         return _Segmenter(sidecar, backend, device, precision)
 

@@ -1,13 +1,10 @@
-"""The node's logic without ROS: parameters, transitions, newest-frame slot and worker, publish
-decisions, max_input_age, max_input_pixels, anomaly objects (found, drawn, boxes in input
-pixels, their Detection2DArray), diagnostics (conditions, causes, ageing figures, lost frames,
-node and topic names, device auto), throttled warnings (fake transport, fake segmenter, fake
-clocks).
+"""The node's logic without ROS: parameter updates, transitions, publish decisions, max_input_age,
+max_input_pixels, anomaly objects (found, drawn, boxes in input pixels, their Detection2DArray),
+diagnostics (conditions, causes, ageing figures, lost frames, node and topic names, device auto),
+throttled warnings (fake transport, fake segmenter, fake clocks).
 """
 
-import dataclasses
 import hashlib
-import math
 from pathlib import Path
 import subprocess
 import sys
@@ -19,7 +16,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from anomaly_seg_node.artifact import FileRef, InputSpec, ScoreSpec, Sidecar, write_sidecar
 from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
@@ -29,39 +25,28 @@ from anomaly_seg_node.image_codec import (
     ImageFields,
     decode_image,
     encode_image,
+    stamp_ns,
 )
 from anomaly_seg_node.imaging import plan_fit
-from anomaly_seg_node.node_health import estimate_loss, nominal_period_ns
+from anomaly_seg_node.node_health import ERROR, OK, WARN, estimate_loss, nominal_period_ns
 from anomaly_seg_node.node_logic import (
     CAMERA_INFO_OUTPUT,
-    ENCODINGS,
-    ERROR,
     LABEL_INFO_TOPIC,
-    OBJECTS_TOPIC,
-    OK,
-    PARAMS,
-    SPECS,
-    WARN,
     CameraInfoOut,
-    Frame,
-    FrameWorker,
-    NewestFrameSlot,
     NodeCore,
     ObjectsOut,
     Throttle,
     detection_array_message,
-    drivable_class_ids,
     expand_topic,
     network_box_to_input,
-    resolve_artifact,
-    stamp_ns,
-    validate_params,
     wanted_outputs,
     wants_camera_info,
     wants_objects,
 )
-from anomaly_seg_node.objects import DEFAULT_BOX_COLOR, AnomalyObject
-from anomaly_seg_node.pipeline import OUTPUTS
+from anomaly_seg_node.node_params import SPECS, validate_params
+from anomaly_seg_node.node_worker import Frame
+from anomaly_seg_node.objects import DEFAULT_BOX_COLOR, OBJECTS_TOPIC, AnomalyObject
+from anomaly_seg_node.pipeline import ENCODINGS, OUTPUTS
 
 REPO = Path(__file__).resolve().parents[2]
 NET_H, NET_W = 4, 6
@@ -106,11 +91,13 @@ class FakeLoader:
         self.reason = reason
         self.no_gpu = no_gpu  # raise BackendError(no_gpu) for device cuda, as backends.load
         self.calls: list[tuple] = []
+        self.threads: list[int] = []  # ort_threads of each call
         self.segmenter: FakeSegmenter | None = None
 
     def __call__(self, sidecar: Sidecar, backend: str, device: str, precision: str,
-                 engine_cache_dir: str | None) -> FakeSegmenter:
+                 engine_cache_dir: str | None, ort_threads: int) -> FakeSegmenter:
         self.calls.append((sidecar, backend, device, precision, engine_cache_dir))
+        self.threads.append(ort_threads)
         if self.no_gpu and device == 'cuda':
             raise BackendError(self.no_gpu)
         self.segmenter = FakeSegmenter(sidecar, backend, self.run_device or device, precision)
@@ -125,11 +112,15 @@ class FakeTransport:
         self.logs: list[tuple[str, str]] = []
         self.clock_ns = 1_000 * 10**9
         self.lock = threading.Lock()
+        self.fail_next = False  # the next publish raises
 
     def subscription_count(self, topic: str) -> int:
         return self.subscribers.get(topic, 0)
 
     def publish(self, topic: str, payload: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError('simulated publish failure')
         with self.lock:
             self.published.append((topic, payload))
 
@@ -234,82 +225,6 @@ def _wait(predicate: Any, timeout: float = 5.0) -> None:
 
 # Parameters -------------------------------------------------------------------------------
 
-def test_params_yaml_lists_every_parameter_with_its_default() -> None:
-    document = yaml.safe_load((REPO / 'config' / 'params.yaml').read_text())
-    values = document['/**']['ros__parameters']
-    assert set(values) == set(SPECS)
-    for spec in PARAMS:
-        assert values[spec.name] == spec.default, spec.name
-        assert spec.description
-    assert validate_params(values) == validate_params({})
-
-
-def test_descriptors_say_allowed_values_and_when_changes_apply() -> None:
-    assert SPECS['backend'].constraints.startswith(
-        'one of: auto, tensorrt, torch, onnxruntime; read at configure')
-    assert SPECS['overlay_alpha'].constraints == 'from 0 to 1; changeable at run time'
-    assert SPECS['autostart'].read_only and not SPECS['artifact'].read_only
-    assert SPECS['anomaly_threshold'].dynamic_typing
-    assert [s.name for s in PARAMS if s.kind == 'runtime'] == [
-        'anomaly_threshold', 'overlay_alpha', 'objects_drivable_classes', 'objects_margin_px',
-        'objects_merge_px', 'objects_min_area_px', 'objects_min_area_fraction', 'objects_max']
-    # Integers get an IntegerRange in node.py and say their bounds as integers.
-    assert SPECS['max_input_pixels'].integer and not SPECS['autostart'].integer
-    assert SPECS['max_input_pixels'].constraints == (
-        'from 1 to 268435456; read at configure; change it while unconfigured')
-    assert SPECS['objects_max'].constraints == 'from 1 to 1000; changeable at run time'
-
-
-def test_validate_params_converts_and_defaults() -> None:
-    config = validate_params({'crop': [1, 2, 3, 4], 'max_input_age': 1, 'anomaly_threshold': 2,
-                              'use_sim_time': True})
-    assert config.crop == (1, 2, 3, 4)
-    assert config.max_input_age == 1.0 and isinstance(config.max_input_age, float)
-    assert config.anomaly_threshold == 2.0
-    assert config.input_topic == 'image'
-    assert validate_params({'input_transport': 'compressed'}).input_topic == 'image/compressed'
-
-
-@pytest.mark.parametrize('name, value, words', [
-    ('backend', 'cuda', 'one of auto, tensorrt, torch, onnxruntime'),
-    ('device', 'cuda:0', 'one of auto, cpu, cuda'),
-    ('input_reliability', 'RELIABLE', 'best_effort, reliable'),
-    ('overlay_alpha', 1.5, 'from 0 to 1'),
-    ('overlay_alpha', '0.5', 'must be a number'),
-    ('max_input_age', -0.1, 'from 0 to 3600'),
-    ('crop', [0, 0, 0], '4 non-negative integers'),
-    ('crop', [0, -1, 0, 0], '4 non-negative integers'),
-    ('crop', 'top', '4 integers'),
-    ('anomaly_threshold', math.nan, 'finite'),
-    ('anomaly_threshold', True, 'a number or a threshold name'),
-    ('autostart', 'yes', 'true or false'),
-    ('resize_mode', 'fill', 'one of letterbox, crop_center, stretch'),
-    ('artifact', 3, 'must be a string'),
-    ('max_input_pixels', 0, 'from 1 to 268435456'),
-    ('max_input_pixels', 2.0, 'must be an integer'),
-    ('max_input_pixels', True, 'must be an integer'),
-    ('objects_margin_px', -1, 'from 0 to 4096'),
-    ('objects_max', 1001, 'from 1 to 1000'),
-    ('objects_min_area_fraction', 0.6, 'from 0 to 0.5'),
-    ('objects_drivable_classes', 'road', 'a list of class names'),
-    ('objects_drivable_classes', ['road', 3], 'a list of class names'),
-    ('objects_drivable_classes', ['none', 'road'], 'none stands alone'),
-])
-def test_validate_params_names_the_problem(name: str, value: Any, words: str) -> None:
-    with pytest.raises(ConfigError, match=f'parameter {name}') as info:
-        validate_params({name: value})
-    assert words in str(info.value)
-
-
-def test_resolve_artifact(tmp_path: Path) -> None:
-    assert resolve_artifact('/a/b.json') == Path('/a/b.json')
-    with pytest.raises(ArtifactError, match='artifact is empty.*artifact:=/path/NAME.json'):
-        resolve_artifact('', tmp_path)
-    (tmp_path / 'models').mkdir()
-    (tmp_path / 'models' / 'demo.json').write_text('{}')
-    assert resolve_artifact('', tmp_path) == tmp_path / 'models' / 'demo.json'
-
-
 def test_runtime_parameter_updates(core: NodeCore, transport: FakeTransport,
                                    artifact: Path) -> None:
     # Unconfigured: any parameter but autostart may change; names are checked at configure.
@@ -339,49 +254,28 @@ def test_runtime_parameter_updates(core: NodeCore, transport: FakeTransport,
     assert 'from 0 to 1' in core.update_parameters({'overlay_alpha': 2.0})
 
 
-# Newest-frame slot and worker ---------------------------------------------------------------
-
-def test_slot_keeps_the_newest_and_counts_drops() -> None:
-    slot = NewestFrameSlot()
-    assert slot.take(timeout=0.01) is None
-    assert slot.put('a') is False
-    assert slot.put('b') is True
-    assert slot.put('c') is True
-    assert (slot.received, slot.dropped) == (3, 2)
-    assert slot.take() == 'c'
-    assert slot.take(timeout=0.01) is None
-
-
-def test_slot_close_wakes_a_waiting_taker() -> None:
-    slot = NewestFrameSlot()
-    got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(slot.take()))
-    thread.start()
-    time.sleep(0.05)
-    slot.close()
-    thread.join(2)
-    assert not thread.is_alive() and got == [None]
+def test_ort_threads_is_a_read_only_integer_passed_to_the_backend(
+        core: NodeCore, loader: FakeLoader, artifact: Path) -> None:
+    spec = SPECS['ort_threads']
+    assert spec.default == 0 and spec.integer and spec.read_only
+    assert spec.constraints == 'from 0 to 1024; read-only (set it at start)'
+    assert validate_params({}).ort_threads == 0
+    assert validate_params({'ort_threads': np.int64(2)}).ort_threads == 2
+    core.configure(_params(artifact, ort_threads=3))
+    assert loader.threads == [3] and core.config.ort_threads == 3
+    assert 'read-only' in core.update_parameters({'ort_threads': 1})
+    assert core.config.ort_threads == 3
+    core.cleanup()
+    # device auto: the GPU try and the CPU fallback get the same threads
+    auto = NodeCore(FakeTransport(), loader=FakeLoader(no_gpu='no CUDA'))
+    try:
+        auto.configure(_params(artifact, device='auto', ort_threads=1))
+        assert auto.loader.threads == [1, 1]  # type: ignore[attr-defined]
+    finally:
+        auto.shutdown()
 
 
-def test_worker_survives_errors_and_stops() -> None:
-    slot = NewestFrameSlot()
-    handled: list[int] = []
-    errors: list[BaseException] = []
-
-    def handle(item: int) -> None:
-        if item == 1:
-            raise ValueError('bad frame')
-        handled.append(item)
-
-    worker = FrameWorker(slot, handle, errors.append)
-    worker.start()
-    slot.put(1)
-    _wait(lambda: errors)
-    slot.put(2)
-    _wait(lambda: handled)
-    assert handled == [2] and str(errors[0]) == 'bad frame'
-    assert worker.stop(timeout=2) and not worker.alive
-
+# Throttled warnings -----------------------------------------------------------------------
 
 def test_throttle_holds_repeats_back_and_counts_them() -> None:
     now = [0.0]
@@ -467,10 +361,11 @@ def test_publish_decisions() -> None:
     assert stamp_ns(None) == 0
 
 
+@pytest.mark.parametrize('overlap', [False, True])
 def test_frame_outputs_encodings_sizes_headers_and_values(core: NodeCore,
                                                           transport: FakeTransport,
-                                                          artifact: Path) -> None:
-    core.configure(_params(artifact))
+                                                          artifact: Path, overlap: bool) -> None:
+    core.configure(_params(artifact, overlap_stages=overlap))
     core.activate()
     msg = _image(red=4, green=150)
     core.on_message(msg)
@@ -558,9 +453,11 @@ def test_max_input_age(core: NodeCore, transport: FakeTransport, artifact: Path,
     assert core.update_parameters({'max_input_age': 0.0}) is not None  # configure-time
 
 
+@pytest.mark.parametrize('overlap', [False, True])
 def test_a_failing_frame_is_counted_and_the_worker_goes_on(
-        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path) -> None:
-    core.configure(_params(artifact))
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path,
+        overlap: bool) -> None:
+    core.configure(_params(artifact, overlap_stages=overlap))
     core.activate()
     loader.segmenter.fail_next = True
     core.on_message(_image(1, 1))
@@ -592,6 +489,98 @@ def test_frames_arriving_while_busy_replace_the_pending_one(
     assert scores == [10.0, 14.0]  # the first and the newest; 11-13 dropped
     report = dict(core.diagnostics().values)
     assert report['frames_dropped'] == '3' and report['frames_processed'] == '2'
+
+
+# Overlapped stages (overlap_stages) --------------------------------------------------------
+
+def _scores(transport: FakeTransport) -> list[float]:
+    return [float(decode_image(payload, 'native')[0, 0]) for topic, payload in
+            transport.published if topic == 'anomaly_score']
+
+
+def test_overlap_stages_run_three_threads_in_frame_order_and_stop(
+        core: NodeCore, transport: FakeTransport, artifact: Path) -> None:
+    core.configure(_params(artifact))
+    core.activate()
+    assert len(core.worker.threads) == 1
+    core.deactivate()
+    core.cleanup()
+    core.configure(_params(artifact, overlap_stages=True))
+    core.activate()
+    worker = core.worker
+    assert [thread.name for thread in worker.threads] == [
+        'anomaly_seg_worker_0', 'anomaly_seg_worker_1', 'anomaly_seg_worker_2']
+    for green in range(10, 30):
+        core.on_message(_image(1, green))
+        assert core.slot.wait_empty(timeout=5)  # taken, none dropped
+    _wait(lambda: core.stats.counts['processed'] == 20)
+    assert _scores(transport) == [float(green) for green in range(10, 30)]
+    assert transport.topics() == list(OUTPUTS) * 20  # and every frame's outputs together
+    assert core.slot.dropped == 0 and core.stats.counts['failed'] == 0
+    core.deactivate()
+    assert core.state == 'inactive' and core.worker is None
+    assert not any(thread.is_alive() for thread in worker.threads)
+
+
+def test_overlap_stages_prepare_the_next_frame_during_inference(
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path) -> None:
+    core.configure(_params(artifact, overlap_stages=True))
+    core.activate()
+    segmenter = loader.segmenter
+    segmenter.gate = threading.Event()
+    segmenter.entered.clear()
+    core.on_message(_image(0, 10))
+    assert segmenter.entered.wait(5)  # frame 10 is inferred
+    core.on_message(_image(0, 11))
+    assert core.slot.wait_empty(timeout=5)  # 11 taken and prepared meanwhile
+    for green in (12, 13, 14):  # 11 waits for inference, so these wait in the slot
+        core.on_message(_image(0, green))
+    segmenter.gate.set()
+    _wait(lambda: core.stats.counts['processed'] == 3)
+    assert _scores(transport) == [10.0, 11.0, 14.0]
+    assert (core.slot.received, core.slot.dropped) == (5, 2)
+    assert dict(core.diagnostics().values)['frames_dropped'] == '2'
+
+
+@pytest.mark.parametrize('stage', ['prepare', 'infer', 'publish'])
+def test_overlap_stages_drop_a_frame_failing_in_any_stage(
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path,
+        stage: str) -> None:
+    core.configure(_params(artifact, overlap_stages=True, crop=[0, 2, 0, 0]))
+    core.activate()
+    bad = _image(1, 1, height=2) if stage == 'prepare' else _image(1, 1)  # 2 rows: crop 2
+    loader.segmenter.fail_next = stage == 'infer'
+    transport.fail_next = stage == 'publish'
+    core.on_message(bad)
+    _wait(lambda: core.stats.counts['failed'] == 1)
+    assert any('the node goes on with the next frame' in w for w in transport.warnings())
+    core.on_message(_image(1, 42))
+    _wait(lambda: core.stats.counts['processed'] == 1)
+    assert _scores(transport)[-1] == 42.0 and core.worker.alive
+
+
+def test_overlap_stages_deactivate_while_every_stage_is_busy(
+        core: NodeCore, transport: FakeTransport, loader: FakeLoader, artifact: Path) -> None:
+    core.configure(_params(artifact, overlap_stages=True))
+    core.activate()
+    worker, segmenter = core.worker, loader.segmenter
+    segmenter.gate = threading.Event()
+    segmenter.entered.clear()
+    core.on_message(_image(0, 10))
+    assert segmenter.entered.wait(5)
+    core.on_message(_image(0, 11))
+    assert core.slot.wait_empty(timeout=5)
+    core.on_message(_image(0, 12))
+    stopper = threading.Thread(target=core.deactivate)
+    stopper.start()
+    _wait(lambda: not worker.alive)  # the idle threads are gone, inference still runs
+    segmenter.gate.set()
+    stopper.join(5)
+    assert not stopper.is_alive() and core.state == 'inactive'
+    assert not any(thread.is_alive() for thread in worker.threads)
+    assert core.stats.counts['failed'] == 0 and not transport.warnings()
+    # 10 finished inference after the stop and, like 11 and 12 between stages, was discarded
+    assert _scores(transport) == []
 
 
 def test_frames_are_ignored_unless_active(core: NodeCore, artifact: Path) -> None:
@@ -1146,19 +1135,6 @@ def test_unknown_drivable_classes_fail_configure(core: NodeCore, loader: FakeLoa
     assert core.state == 'unconfigured' and not loader.calls
 
 
-def test_drivable_class_ids() -> None:
-    assert drivable_class_ids(['auto'], ['road', 'car']) == (0,)
-    assert drivable_class_ids(['auto'], ['unlabeled', 'road line', 'road']) == (1, 2)
-    assert drivable_class_ids(['auto'], ['r', 'g', 'b']) == ()  # no road: anywhere
-    assert drivable_class_ids(['none'], ['road']) == drivable_class_ids([], ['road']) == ()
-    assert drivable_class_ids(['car', 'road', 'car'], ['road', 'car']) == (0, 1)
-    with pytest.raises(ConfigError, match=r"names \['sky'\].*choose among road, car"):
-        drivable_class_ids(['sky'], ['road', 'car'])
-    demo = yaml.safe_load((REPO / 'models' / 'demo.json').read_text())
-    assert [demo['classes'][i] for i in drivable_class_ids(['auto'], demo['classes'])] == [
-        'road line', 'road']
-
-
 def test_object_confidence_from_the_sidecar_fpr_thresholds(
         tmp_path: Path, transport: FakeTransport, clock: FakeClock) -> None:
     path = _write_artifact(tmp_path, {'tpr95': 100.0, 'fpr1': 150.0, 'fpr0.1': 250.0})
@@ -1191,73 +1167,38 @@ def test_network_box_to_input() -> None:
     assert network_box_to_input((1, 1, 1, 1), stretch) == (3, 3, 3, 3)
 
 
-# Stand-ins with the fields and defaults of vision_msgs 4 (ros-perception/vision_msgs, ros2:
-# msg/Detection2DArray, Detection2D, ObjectHypothesisWithPose, BoundingBox2D, Pose2D, Point2D).
-
-@dataclasses.dataclass
-class _Point2D:
-    x: float = 0.0
-    y: float = 0.0
-
-
-@dataclasses.dataclass
-class _Pose2D:
-    position: _Point2D = dataclasses.field(default_factory=_Point2D)
-    theta: float = 0.0
-
-
-@dataclasses.dataclass
-class _BoundingBox2D:
-    center: _Pose2D = dataclasses.field(default_factory=_Pose2D)
-    size_x: float = 0.0
-    size_y: float = 0.0
-
-
-@dataclasses.dataclass
-class _ObjectHypothesis:
-    class_id: str = ''
-    score: float = 0.0
-
-
-@dataclasses.dataclass
-class _ObjectHypothesisWithPose:
-    hypothesis: _ObjectHypothesis = dataclasses.field(default_factory=_ObjectHypothesis)
-    pose: Any = None
-
-
-@dataclasses.dataclass
-class _Detection2D:
-    header: Any = None
-    results: list = dataclasses.field(default_factory=list)
-    bbox: _BoundingBox2D = dataclasses.field(default_factory=_BoundingBox2D)
-    id: str = ''
-
-
-@dataclasses.dataclass
-class _Detection2DArray:
-    header: Any = None
-    detections: list = dataclasses.field(default_factory=list)
-
-
 def _object(x: int, y: int, width: int, height: int, confidence: float) -> AnomalyObject:
     return AnomalyObject(x=x, y=y, width=width, height=height, area=width * height,
                          mean_score=3.0, max_score=4.0, confidence=confidence,
                          centroid_x=x + width / 2, centroid_y=y + height / 2)
 
 
+def _detection_types() -> tuple[Any, dict[str, Any]]:
+    """A rosbags typestore with vision_msgs 4 and its classes: every field as rosidl has it."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from anomaly_seg_node.replay_outputs import register_vision_msgs
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    register_vision_msgs(store)
+    return store, store.types
+
+
 def test_detection_array_message_fields() -> None:
-    header = SimpleNamespace(stamp=SimpleNamespace(sec=5, nanosec=7), frame_id='cam')
+    store, types = _detection_types()
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=5, nanosec=7), frame_id='cam')
     # Found on network maps (boxes there), published with their boxes in input pixels.
     payload = ObjectsOut(header=header, objects=(_object(2, 1, 2, 2, 0.75),
                                                  _object(0, 0, 1, 1, 0.5)),
                          boxes=((4, 2, 4, 4), (0, 0, 3, 1)))
-    msg = detection_array_message(payload, _Detection2DArray, _Detection2D,
-                                  _ObjectHypothesisWithPose)
-    assert isinstance(msg, _Detection2DArray) and msg.header is header
+    msg = detection_array_message(payload, types)
+    assert msg.__msgtype__ == 'vision_msgs/msg/Detection2DArray' and msg.header is header
     first, second = msg.detections
     assert first.header is header and (first.id, second.id) == ('0', '1')
     ((hypothesis,),) = [first.results]
     assert (hypothesis.hypothesis.class_id, hypothesis.hypothesis.score) == ('anomaly', 0.75)
+    assert hypothesis.pose.pose.orientation.w == 1.0 and not hypothesis.pose.covariance.any()
     box = first.bbox
     assert (box.center.position.x, box.center.position.y, box.center.theta) == (6.0, 4.0, 0.0)
     assert (box.size_x, box.size_y) == (4.0, 4.0)
@@ -1266,6 +1207,25 @@ def test_detection_array_message_fields() -> None:
     # rosidl's float64 setters refuse ints
     assert all(type(v) is float for v in (box.center.position.x, box.size_x,
                                            hypothesis.hypothesis.score))
-    empty = detection_array_message(ObjectsOut(header, (), ()), _Detection2DArray,
-                                    _Detection2D, _ObjectHypothesisWithPose)
+    back = store.deserialize_cdr(store.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
+    assert back.detections[1].bbox.size_x == 3.0
+    empty = detection_array_message(ObjectsOut(header, (), ()), types)
     assert empty.detections == [] and empty.header is header
+
+
+def test_node_and_replay_write_the_same_detection_array() -> None:
+    """One builder (objects.detection_array): the node's message of boxes in input pixels and
+    the replay's of boxes on half-size maps scaled by 2 serialise to the same bytes."""
+    from anomaly_seg_node.objects import detection_array
+
+    store, types = _detection_types()
+    header = types['std_msgs/msg/Header'](
+        stamp=types['builtin_interfaces/msg/Time'](sec=1, nanosec=2), frame_id='cam')
+    on_maps = (_object(2, 1, 3, 2, 0.75), _object(0, 5, 1, 1, 0.5))
+    node = detection_array_message(
+        ObjectsOut(header, on_maps, tuple((2 * o.x, 2 * o.y, 2 * o.width, 2 * o.height)
+                                          for o in on_maps)), types)
+    replay = detection_array(types, header, [o.box for o in on_maps],
+                             [o.confidence for o in on_maps], scale_xy=(2.0, 2.0))
+    kind = 'vision_msgs/msg/Detection2DArray'
+    assert store.serialize_cdr(node, kind) == store.serialize_cdr(replay, kind)

@@ -1,12 +1,27 @@
 """One definition per concept: HxW size flags (training.cli_types), header stamps
-(image_codec.stamp_ns) and the table of the anomaly scores (training.score_info). Torch-free."""
+(image_codec.stamp_ns), the table of the anomaly scores (training.score_info), the output
+encodings (pipeline.ENCODINGS), the crop check (pipeline.check_crop), the Detection2DArray
+builder (objects.detection_array), the parity bounds (metrics) and the segmenter interface
+(backends.SegmenterProtocol). Torch-free: the sources are read as syntax trees."""
 
 import argparse
+import ast
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+import typing
 
 import pytest
 
-from anomaly_seg_node import node_logic
+from anomaly_seg_node import (
+    backends,
+    build_engine,
+    metrics,
+    node_logic,
+    node_params,
+    objects,
+    pipeline,
+)
 from anomaly_seg_node.image_codec import stamp_ns
 from anomaly_seg_tools import cli
 from training import config, evaluate
@@ -106,3 +121,120 @@ def test_evaluate_derives_temperatures_and_usable_scores_from_the_table() -> Non
     assert evaluate.usable_scores(EVAL_SCORES, False) == ['JSD', 'MSP']
     assert evaluate.usable_scores(EVAL_SCORES, True) == list(EVAL_SCORES)
     assert evaluate.parse_scores('DH,max_logit') == ['DH', 'max_logit']
+
+
+# Definitions in the source -----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = sorted([*(REPO / 'anomaly_seg_node').glob('*.py'),
+                  *(REPO / 'anomaly_seg_tools').glob('*.py'),
+                  *(REPO / 'training').rglob('*.py')])
+
+
+def _trees() -> Iterator[tuple[str, ast.Module]]:
+    for path in SOURCES:
+        yield (str(path.relative_to(REPO)),
+               ast.parse(path.read_text(encoding='utf-8'), filename=str(path)))
+
+
+def defined_in(name: str) -> list[str]:
+    """The files that bind `name` at module level (assignment, def or class)."""
+    found = []
+    for filename, tree in _trees():
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            else:
+                names = []
+            if name in names:
+                found.append(filename)
+    return found
+
+
+def files_where(predicate: typing.Callable[[ast.AST], bool]) -> set[str]:
+    return {filename for filename, tree in _trees() if any(map(predicate, ast.walk(tree)))}
+
+
+def _constant(node: ast.AST | None) -> object:
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def test_the_output_encodings_are_defined_once() -> None:
+    # training/synth/bag.py's ENCODINGS are the input encodings a synthetic bag may have
+    assert [f for f in defined_in('ENCODINGS') if f != 'training/synth/bag.py'] == \
+        ['anomaly_seg_node/pipeline.py']
+    assert node_logic.ENCODINGS is pipeline.ENCODINGS
+    assert set(pipeline.ENCODINGS) == set(pipeline.OUTPUTS)
+
+    def pairs_score_with_32fc1(node: ast.AST) -> bool:
+        if isinstance(node, ast.Dict):
+            return any(_constant(k) == 'anomaly_score' and _constant(v) == '32FC1'
+                       for k, v in zip(node.keys, node.values, strict=True))
+        return isinstance(node, ast.Tuple) and [_constant(e) for e in node.elts] == [
+            'anomaly_score', '32FC1']
+
+    assert files_where(pairs_score_with_32fc1) == {'anomaly_seg_node/pipeline.py'}
+
+
+def test_the_crop_is_checked_in_one_place() -> None:
+    assert defined_in('check_crop') == ['anomaly_seg_node/pipeline.py']
+    assert defined_in('_check_crop') == []
+
+    def says_crop_rule(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+            'non-negative integers [top, bottom' in node.value
+
+    assert files_where(says_crop_rule) == {'anomaly_seg_node/pipeline.py'}
+    # the node's parameter and the pipeline say the same, each naming what was wrong
+    with pytest.raises(Exception) as node_error:
+        node_params.check_value('crop', [0, -1, 0, 0])
+    with pytest.raises(Exception) as pipeline_error:
+        pipeline.FramePipeline(SimpleNamespace(input_size=(4, 6)), ['a'], [(0, 0, 0)],
+                               crop=[0, -1, 0, 0])
+    assert str(node_error.value) == f'parameter {pipeline_error.value}'
+
+
+def test_the_detection_array_is_built_in_one_place() -> None:
+    def writes_a_box(node: ast.AST) -> bool:
+        return (isinstance(node, ast.keyword) and node.arg == 'size_x') or (
+            isinstance(node, ast.Attribute) and node.attr == 'size_x'
+            and isinstance(node.ctx, ast.Store))
+
+    assert files_where(writes_a_box) == {'anomaly_seg_node/objects.py'}
+    for name in ('detection_array', 'OBJECT_CLASS_ID', 'OBJECTS_TOPIC'):
+        assert defined_in(name) == ['anomaly_seg_node/objects.py'], name
+    assert node_logic.OBJECTS_TOPIC == objects.OBJECTS_TOPIC
+
+
+def test_the_parity_bounds_are_defined_once_in_the_runtime() -> None:
+    bounds = {metrics.MIN_LABEL_AGREEMENT, metrics.MIN_MASK_AGREEMENT, metrics.MAX_DIFF_OVER_STD}
+    assert bounds == {0.999, 0.995, 1e-3}
+    for name in ('MIN_LABEL_AGREEMENT', 'MIN_MASK_AGREEMENT', 'MAX_DIFF_OVER_STD'):
+        # training/quantize.py's MIN_* are int8's own, looser tolerances
+        assert [f for f in defined_in(name) if f != 'training/quantize.py'] == \
+            ['anomaly_seg_node/metrics.py'], name
+    # no copy of a bound as a number in the export or the engine check
+    literals = {0.999, 0.995, 1e-3, 1e-2}
+    assert {f for f in files_where(lambda n: _constant(n) in literals)
+            if f in ('training/export.py', 'anomaly_seg_node/build_engine.py')} == set()
+    fp32 = build_engine.REQUIREMENTS['fp32']
+    assert fp32['label_agreement'] == ('>=', metrics.MIN_LABEL_AGREEMENT)
+    assert fp32['mask_agreement'] == ('>=', metrics.MIN_MASK_AGREEMENT)
+    assert fp32['score_diff_over_std'] == ('<=', 10 * metrics.MAX_DIFF_OVER_STD)
+
+
+def test_the_segmenter_interface_is_one_protocol() -> None:
+    def segmenter_protocol(node: ast.AST) -> bool:
+        return isinstance(node, ast.ClassDef) and 'Segmenter' in node.name and any(
+            isinstance(b, ast.Name) and b.id == 'Protocol' for b in node.bases)
+
+    assert files_where(segmenter_protocol) == {'anomaly_seg_node/backends.py'}
+    # the backends' base derives from it explicitly, so mypy checks the two against each other
+    assert backends.SegmenterProtocol in backends.Segmenter.__mro__
+    assert not hasattr(pipeline, 'Segmenter')
+    hints = typing.get_type_hints(pipeline.FramePipeline.__init__)
+    assert hints['segmenter'] is backends.SegmenterProtocol

@@ -1,5 +1,6 @@
 """FramePipeline with a fake segmenter whose outputs are known functions of the pixel position."""
 
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import cv2
@@ -389,3 +390,96 @@ def test_seen_mask_says_where_the_outputs_hold_answers():
     assert mask[:360].all() and not mask[360:].any()
     bars = square_pipeline(output_resolution='network')[0].seen_mask((480, 640))
     assert bars.shape == (360, 640) and bars[:, 80:560].all() and not bars[:, :80].any()
+
+
+# Host post-processing: OpenCV where it is bit-identical to the numpy formulation -------------
+
+SHAPES = [(1, 1), (1, 7), (3, 5), (17, 31), (64, 96), (241, 319), (360, 641)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('share', [0.0, 0.3, 1.0])
+def test_copy_where_is_bit_identical_to_numpy(shape, share):
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    src = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    dst = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    mask = rng.random(shape) < share
+    expected = dst.copy()
+    np.copyto(expected, src, where=mask[:, :, None])  # the previous formulation
+    for given in (mask, mask.view(np.uint8) * np.uint8(255)):
+        out = dst.copy()
+        result = pipeline_module.copy_where(src, given, out)
+        assert result is out  # in place
+        assert result.dtype == np.uint8 and result.shape == (*shape, 3)
+        np.testing.assert_array_equal(result, expected)
+    # a strided source (a view of a larger frame) and a strided mask work alike
+    big = rng.integers(0, 256, (shape[0] + 2, shape[1] + 3, 3), dtype=np.uint8)
+    view = big[1:1 + shape[0], 2:2 + shape[1]]
+    tall = np.zeros((shape[0] * 2, shape[1]), bool)
+    tall[::2] = mask
+    expected = dst.copy()
+    np.copyto(expected, view, where=mask[:, :, None])
+    np.testing.assert_array_equal(pipeline_module.copy_where(view, tall[::2], dst.copy()),
+                                  expected)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_colour_lookup_is_bit_identical_to_np_take(shape):
+    rng = np.random.default_rng(shape[0] + 7 * shape[1])
+    lut = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    labels = rng.integers(0, 256, shape, dtype=np.uint8)
+    expected = np.take(lut, labels, axis=0)  # the previous formulation
+    colour = pipeline_module.colour_lookup(pipeline_module.pack_lut(lut), labels)
+    assert colour.dtype == np.uint8 and colour.shape == (*shape, 3)
+    assert colour.flags.c_contiguous  # encode_image and cv2 take it as it is
+    np.testing.assert_array_equal(colour, expected)
+    strided = np.ascontiguousarray(np.repeat(labels, 2, axis=1))[:, ::2]
+    np.testing.assert_array_equal(
+        pipeline_module.colour_lookup(pipeline_module.pack_lut(lut), strided), expected)
+
+
+def test_overlay_and_colour_match_the_numpy_formulation():
+    """The whole overlay, void pixels (the crop) included, equals the previous numpy code."""
+    pipe, seg = make(size=(8, 12), crop=(2, 1, 3, 0), overlay_alpha=0.4)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (24, 35, 3), dtype=np.uint8)
+    result = pipe.process(rgb, OUTPUTS)
+    labels8 = result.semantic_mask
+    colour = np.take(pipe.lut, labels8, axis=0)
+    np.testing.assert_array_equal(result.semantic_color, colour)
+    overlay = cv2.addWeighted(rgb, 0.6, colour, 0.4, 0.0)
+    np.copyto(overlay, rgb, where=(labels8 == pipe.void_id)[:, :, None])
+    overlay[result.anomaly_score > result.threshold] = ANOMALY
+    np.testing.assert_array_equal(result.overlay, overlay)
+    assert (labels8 == pipe.void_id).any()  # the crop left void pixels to copy back
+
+
+@pytest.mark.parametrize('value, words', [
+    ((1, 2, 3), '4 non-negative integers'), ([0, -1, 0, 0], '4 non-negative integers'),
+    ((0, 0, 0, True), '4 non-negative integers'), ((0, 0, 0, 1.0), '4 non-negative integers'),
+    ('0000', '4 integers'), (4, '4 integers'), (None, '4 integers')])
+def test_check_crop_is_the_one_crop_check(value, words):
+    with pytest.raises(ConfigError, match=f'^crop must be {words}'):
+        pipeline_module.check_crop(value)
+    assert pipeline_module.check_crop(None, optional=True) == (0, 0, 0, 0)
+    assert pipeline_module.check_crop(np.array([1, 2, 3, 4])) == (1, 2, 3, 4)
+    with pytest.raises(ConfigError, match='^parameter crop must be'):
+        pipeline_module.check_crop(value, 'parameter crop')
+
+
+@pytest.mark.parametrize('resolution', ['input', 'network'])
+def test_prepare_infer_render_on_other_threads_equal_process(resolution):
+    pipe, seg = make(output_resolution=resolution, crop=(1, 0, 0, 0), threshold=1.5)
+    expected = pipe.process(frame(9, 12))
+    prepared = pipe.prepare(frame(9, 12))
+    assert seg.calls == 1 and prepared.net_frame.shape == (4, 6, 3)  # no inference yet
+    pipe.threshold, pipe.overlay_alpha = 0.5, 0.9  # the frame keeps the values it was taken with
+    with ThreadPoolExecutor(1) as pool:  # as the node's stage threads do
+        inferred = pool.submit(pipe.infer, prepared).result()
+        assert seg.calls == 2
+        result = pool.submit(pipe.render, inferred).result()
+    assert result.threshold == expected.threshold == 1.5
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(getattr(result, name), getattr(expected, name))
+    laps = ('resize', 'infer', 'labels', 'upsample', 'threshold', 'colour', 'overlay')
+    assert result.timings_ms['total'] == pytest.approx(sum(result.timings_ms[k] for k in laps))

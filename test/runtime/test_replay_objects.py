@@ -31,10 +31,15 @@ from anomaly_seg_node.bag_reader import open_bag
 from anomaly_seg_node.errors import ConfigError
 from anomaly_seg_node.labels import RAW_ANOMALY_ID, RAW_CLASS_NAMES, class_names, palette
 from anomaly_seg_node.metrics import BoxMetrics, ComponentMetrics
-from anomaly_seg_node.objects import AnomalyObject, ObjectParams, find_objects_with_ids
+from anomaly_seg_node.objects import (
+    AnomalyObject,
+    ObjectParams,
+    detection_array,
+    find_objects_with_ids,
+)
 from anomaly_seg_node.pipeline import FramePipeline
 from anomaly_seg_node.replay import LabelSpec, Replay
-from anomaly_seg_node.replay_outputs import VISION_MSGS, detection_array, register_vision_msgs
+from anomaly_seg_node.replay_outputs import VISION_MSGS, register_vision_msgs
 from anomaly_seg_tools import cli
 
 CLASSES = class_names()
@@ -195,7 +200,8 @@ def test_detection_array_boxes_in_input_pixels():
         stamp=types['builtin_interfaces/msg/Time'](sec=3, nanosec=4), frame_id='cam')
     obj = AnomalyObject(x=4, y=2, width=6, height=3, area=10, mean_score=1.0, max_score=2.0,
                         confidence=0.75, centroid_x=6.0, centroid_y=3.0)
-    msg = detection_array(types, header, [obj], scale_xy=(2.0, 4.0))  # outputs at half size
+    # outputs at half size
+    msg = detection_array(types, header, [obj.box], [obj.confidence], scale_xy=(2.0, 4.0))
     raw = ts.serialize_cdr(msg, 'vision_msgs/msg/Detection2DArray')
     back = ts.deserialize_cdr(raw, 'vision_msgs/msg/Detection2DArray')
     (det,) = back.detections

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import read_sidecar
 from anomaly_seg_node.errors import ArtifactError, BackendError, ConfigError
+from anomaly_seg_node.pipeline import OUTPUTS
 from anomaly_seg_tools import bench
 from training.export import DeployModel, export_artifact
 
@@ -84,7 +85,7 @@ def test_bench_measures_every_table_on_a_tiny_artifact(artifact: Path, tmp_path:
     assert stages['frame_size'] == [96, 144] and stages['input_size'] == list(SIZE)
     assert stages['encoding'] == 'bgr8'
     expected = {'decode', 'resize', 'convert', 'infer', 'labels', 'upsample', 'threshold',
-                'colour', 'overlay', 'plain_copy'} | {f'encode_{o}' for o in bench.ENCODINGS}
+                'colour', 'overlay', 'plain_copy'} | {f'encode_{o}' for o in OUTPUTS}
     assert set(stages['median_ms']) == expected
     assert stages['copy_bytes'] == 96 * 144 * 9
     assert stages['outside_inference_ms'] > 0
@@ -196,6 +197,23 @@ def test_frame_stages_time_the_objects_of_a_known_score(artifact: Path) -> None:
                                                                    rel=0.1)
     assert objects['artifact_size']['flagged_share'] == pytest.approx(600 / (64 * 96),
                                                                       rel=0.1)
+
+
+@pytest.mark.parametrize('backend, graph', [('onnxruntime', 'session'), ('torch', 'module')])
+def test_frame_stages_leave_the_measured_backend_unchanged(artifact: Path, backend: str,
+                                                           graph: str) -> None:
+    segmenter = backends.load(artifact, backend)
+    before = dict(vars(segmenter))
+    probe = np.zeros((1, *SIZE, 3), np.uint8)
+    expected = segmenter(probe)
+    stages = bench.frame_stages(segmenter, SIZE, 'rgb8', warmup=0, iterations=2)
+    assert stages['median_ms']['infer'] > 0  # the graph was timed, through a copy
+    assert vars(segmenter).keys() == before.keys()
+    assert all(vars(segmenter)[key] is value for key, value in before.items())
+    assert type(getattr(segmenter, graph)).__name__ != '_TimedGraph'
+    again = segmenter(probe)  # and runs as before
+    np.testing.assert_array_equal(again.labels, expected.labels)
+    np.testing.assert_array_equal(again.anomaly_score, expected.anomaly_score)
 
 
 def test_siblings_must_match_and_bad_options_fail_clearly(artifact: Path,
