@@ -2,7 +2,7 @@
 # int8 against fp32 for one checkpoint (issue 14, item 6), on a quiet machine (nothing else
 # running: the speed ratio is only as good as the machine is idle).
 #
-#   CKPT=runs/demo-model/oodhead_s0/checkpoints/final.pt scripts/measure_int8.sh
+#   CKPT=runs/demo-model/densehybrid_s0/checkpoints/final.pt scripts/measure_int8.sh
 #
 # For each size in SIZES: anomaly-seg export --int8 (OUT/demo_SIZE.json and its int8 sibling
 # OUT/demo_SIZE-int8.json, calibrated on CAL like models/demo), then anomaly-seg bench with the
@@ -17,7 +17,7 @@ set -euo pipefail
 
 A=${ANOMALY_SEG:-.venv/bin/anomaly-seg}
 PY=${PYTHON:-.venv/bin/python}
-CKPT=${CKPT:-runs/demo-model/oodhead_s0/checkpoints/final.pt}
+CKPT=${CKPT:-runs/demo-model/densehybrid_s0/checkpoints/final.pt}
 CAL=${CAL:-data/camvid_val_pasted}
 TEST_PASTED=${TEST_PASTED:-data/camvid_test_pasted}
 CAMVID=${CAMVID:-data/CamVid}
@@ -28,7 +28,7 @@ LIMIT=${LIMIT:-}  # evaluate only the first N images (a smoke run), empty: all
 
 if [ ! -f "$CKPT" ]; then
   echo "checkpoint $CKPT not found: set CKPT (scripts/build_demo_model.sh writes" \
-    "runs/demo-model/oodhead_s0/checkpoints/final.pt)" >&2
+    "runs/demo-model/densehybrid_s0/checkpoints/final.pt)" >&2
   exit 2
 fi
 limit=()
