@@ -39,7 +39,10 @@ REQUIRED_FILE_KINDS = ('onnx',)
 OUTPUT_NAMES = ('labels', 'anomaly_score')
 # Where the graph computes the score (ScoreSpec.resolution).
 SCORE_RESOLUTIONS = ('input', 'stride4')
-OUTPUT_DTYPES = {'labels': 'int32', 'anomaly_score': 'float32'}
+# Labels leave the graph as int32 (every release) or uint8 (a quarter of the bytes to copy off
+# a GPU; needs fewer than 256 classes); the score is float32 (LabelOutput, Sidecar.outputs).
+LABEL_DTYPES = ('int32', 'uint8')
+SCORE_DTYPE = 'float32'
 # What the .onnx graph computes in: float32 throughout, or int8 QDQ (Sidecar.precision).
 MODEL_PRECISIONS = ('fp32', 'int8')
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
@@ -64,6 +67,21 @@ class ScoreSpec:
     units: str
     temperature: float | None = None
     higher_is_more_anomalous: bool = True
+    resolution: str = 'input'
+
+
+@dataclass(frozen=True)
+class LabelOutput:
+    """How the graph's `labels` output is made: its dtype (LABEL_DTYPES) and resolution.
+
+    `resolution` 'input': argmax of the class logits upsampled bilinearly to the input size
+    (the paper); 'stride4': argmax of the decoder's stride-4 logits, the label map then upsampled
+    by nearest neighbour (each stride-4 cell covers 4x4 input pixels): K channels are no
+    longer upsampled, at a cost in mIoU on thin objects. A sidecar without the fields is
+    int32 at 'input'.
+    """
+
+    dtype: str = 'int32'
     resolution: str = 'input'
 
 
@@ -113,6 +131,7 @@ class Sidecar:
     # made (format, calibration frames, the fp32 graph it was checked against).
     precision: str = 'fp32'
     quantization: dict[str, Any] = field(default_factory=dict)
+    labels: LabelOutput = field(default_factory=LabelOutput)
     schema_version: int = SCHEMA_VERSION
     source: str | None = field(default=None, compare=False)
 
@@ -134,10 +153,11 @@ class Sidecar:
 
     @property
     def outputs(self) -> dict[str, dict[str, Any]]:
-        """Output names, dtypes and shapes; fixed by the schema."""
+        """Output names, dtypes and shapes (and how the labels are made)."""
         shape = [self.input.batch, self.input.height, self.input.width]
-        return {name: {'dtype': OUTPUT_DTYPES[name], 'shape': list(shape)}
-                for name in OUTPUT_NAMES}
+        return {'labels': {'dtype': self.labels.dtype, 'shape': list(shape),
+                           'resolution': self.labels.resolution},
+                'anomaly_score': {'dtype': SCORE_DTYPE, 'shape': list(shape)}}
 
     @property
     def folder(self) -> Path:
@@ -335,11 +355,16 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         pad_rgb=None if pad_rgb is None else (pad_rgb[0], pad_rgb[1], pad_rgb[2]))
 
     outputs = check.get(document, 'outputs', Mapping)
+    labels_out = LabelOutput()
     for name in OUTPUT_NAMES:
         spec = check.get(outputs, name, Mapping, 'outputs.')
-        dtype = check.get(spec, 'dtype', str, f'outputs.{name}.')
-        if dtype != OUTPUT_DTYPES[name]:
-            check.fail(f'outputs.{name}.dtype', repr(OUTPUT_DTYPES[name]), dtype)
+        if name == 'labels':
+            labels_out = LabelOutput(
+                dtype=check.choice(spec, 'dtype', LABEL_DTYPES, 'outputs.labels.'),
+                resolution=check.choice(spec, 'resolution', SCORE_RESOLUTIONS,
+                                        'outputs.labels.', default='input'))
+        elif check.get(spec, 'dtype', str, f'outputs.{name}.') != SCORE_DTYPE:
+            check.fail(f'outputs.{name}.dtype', repr(SCORE_DTYPE), spec['dtype'])
         shape = check.get(spec, 'shape', list, f'outputs.{name}.')
         expected_shape = [input_spec.batch, input_spec.height, input_spec.width]
         if shape != expected_shape:
@@ -412,6 +437,7 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         created=check.get(document, 'created', str),
         precision=precision,
         quantization=dict(quantization),
+        labels=labels_out,
     )
 
 

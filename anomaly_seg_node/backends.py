@@ -2,7 +2,8 @@
 
 A `Segmenter` takes uint8 RGB frames already resized to the artifact's size (`[H, W, 3]` or
 `[N, H, W, 3]`), converts them to the graph's float32 NCHW input on the device that runs the
-graph, and returns int32 labels and float32 anomaly scores `[N, H, W]`.
+graph, and returns labels in the artifact's dtype (`Sidecar.labels`: int32, or uint8 when
+exported with `--label-dtype uint8`) and float32 anomaly scores `[N, H, W]`.
 
 torch, torch_tensorrt and onnxruntime are imported only inside the backend that needs them, so a
 missing optional package is a clear BackendError at load time, not an import crash; every
@@ -46,7 +47,7 @@ BACKEND_FILES = {'onnxruntime': 'onnx', 'torch': 'pt2', 'tensorrt': 'pt2'}
 class SegmenterOutput(Protocol):
     # Read-only, so frozen results (SegResult) qualify.
     @property
-    def labels(self) -> np.ndarray: ...  # int32 [N, H, W]
+    def labels(self) -> np.ndarray: ...  # int32 or uint8 [N, H, W]
 
     @property
     def anomaly_score(self) -> np.ndarray: ...  # float32 [N, H, W]
@@ -63,7 +64,8 @@ class SegmenterProtocol(Protocol):
 
 @dataclass(frozen=True)
 class SegResult:
-    """Per-pixel outputs of one call: labels int32 `[N, H, W]`, anomaly_score float32."""
+    """Per-pixel outputs of one call: labels `[N, H, W]` in the artifact's dtype (int32 or
+    uint8), anomaly_score float32."""
 
     labels: np.ndarray
     anomaly_score: np.ndarray
@@ -80,6 +82,7 @@ class Segmenter(SegmenterProtocol, abc.ABC):
         self.sidecar = sidecar
         self.input_size = sidecar.input_size
         self.batch = sidecar.input.batch
+        self.label_dtype = np.dtype(sidecar.labels.dtype)
         self.device = device
         self.precision = precision
         # Why this backend runs (auto's choice, or 'requested').
@@ -98,7 +101,7 @@ class Segmenter(SegmenterProtocol, abc.ABC):
             pad = np.zeros((self.batch - count, *frames.shape[1:]), dtype=np.uint8)
             frames = np.concatenate([frames, pad])
         labels, score = self._infer(np.ascontiguousarray(frames))
-        return SegResult(labels=np.ascontiguousarray(labels[:count], dtype=np.int32),
+        return SegResult(labels=np.ascontiguousarray(labels[:count], dtype=self.label_dtype),
                          anomaly_score=np.ascontiguousarray(score[:count], dtype=np.float32))
 
     def check_frames(self, frames: Any) -> np.ndarray:
@@ -259,7 +262,7 @@ def session_options(ort: Any, threads: int = 0) -> Any:
 
 
 # ONNX element types (as ONNX Runtime names them) of the sidecar's dtypes.
-_ORT_TYPES = {'float32': 'tensor(float)', 'int32': 'tensor(int32)'}
+_ORT_TYPES = {'float32': 'tensor(float)', 'int32': 'tensor(int32)', 'uint8': 'tensor(uint8)'}
 # ONNX Runtime errors that mean the file itself is no usable graph.
 _ORT_FILE_ERRORS = ('InvalidProtobuf', 'InvalidGraph', 'NoModel', 'NoSuchFile')
 
@@ -345,7 +348,8 @@ class TorchSegmenter(Segmenter):
             image = torch.from_numpy(frames).to(self.device, non_blocking=True)
             image = image.permute(0, 3, 1, 2).to(self.dtype).contiguous()
             labels, score = self.module(image)
-            labels = labels.to(torch.int32).cpu().numpy()
+            # In the graph's dtype: a uint8 artifact copies a quarter of int32's bytes.
+            labels = labels.cpu().numpy()
             score = score.float().cpu().numpy()
         return labels, score
 

@@ -285,7 +285,8 @@ def compile_options(precision: str, float16: Any) -> dict[str, Any]:
     torch-tensorrt 2.14 always types the network strictly (the graph's dtypes are kept) and
     reaches fp16 by its rule-based autocast (`enable_autocast`, `autocast_low_precision_type`),
     which keeps numerically sensitive layers in fp32; fp32 turns TF32 off. `float16` is
-    `torch.float16`. The engine's input and outputs stay float32 / int32 either way.
+    `torch.float16`. The engine's input and outputs keep the graph's dtypes either way (float32
+    image and score, int32 or uint8 labels).
     """
     if _check_precision(precision) == 'fp32':
         # TF32 rounds inputs to 10-bit mantissas: not what fp32 promises.
@@ -572,7 +573,8 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
 
 def run_module(module: Any, images: np.ndarray, batch: int,
                device: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 labels, float32 scores) of a deploy graph on uint8 `[M, H, W, 3]` images."""
+    """(int32 labels, float32 scores) of a deploy graph on uint8 `[M, H, W, 3]` images; labels
+    are widened to int32 whatever the graph's dtype, for the parity comparison."""
     import torch
 
     from anomaly_seg_node.check_images import run_batched

@@ -324,10 +324,11 @@ class FramePipeline:
         return result
 
     def _labels_uint8(self, labels: np.ndarray) -> np.ndarray:
-        """int32 class ids -> uint8; ids outside [0, K) other than void_id become void_id."""
+        """int32 or uint8 class ids -> uint8; ids outside [0, K) other than void_id become
+        void_id. uint8 labels in range are returned as they are, without a copy."""
         lo, hi = int(labels.min()), int(labels.max())
         if lo >= 0 and hi < len(self.classes):
-            return labels.astype(np.uint8)
+            return labels.astype(np.uint8, copy=False)
         bad = ((labels < 0) | (labels >= len(self.classes))) & (labels != self.void_id)
         return np.where(bad, self.void_id, labels).astype(np.uint8)
 

@@ -11,6 +11,9 @@
   anomaly objects of the frame (objects.find_objects with the replay's default parameters on
   the pipeline's score and labels) at the frame size and at the artifact size (the same maps
   resized), with the share of pixels above the threshold, which their cost grows with.
+- Compared exports (`--compare OTHER.json`, repeatable): other exports of the network at the
+  same input size (an `export --int8` graph, labels as uint8 or at stride 4, ...) in the same
+  interleaved rounds as the score graphs, each as its time over the artifact's.
 - The ratios of issue 5 §4: DH vs segmentation-only, the DH artifact vs a plain ResNet-18 FCN in
   the same runtime (built by training.reference_fcn when torch is present, else --reference),
   work outside inference vs the plain copy.
@@ -77,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as the node's ort_threads parameter (default: onnxruntime's, as "
                              'the node runs by default; 1 gives steadier ratios on a shared '
                              'machine)')
+    parser.add_argument('--compare', action='append', default=[], metavar='OTHER.json',
+                        help='another export of the network at the same input size (e.g. '
+                             'export --int8, or --label-dtype uint8 --label-resolution '
+                             'stride4), timed in the same interleaved rounds as the score '
+                             "graphs and reported as its time over the artifact's "
+                             '(repeatable)')
     parser.add_argument('--out', metavar='DIR', help='write bench.json and bench.md here')
 
 
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'artifact': str(Path(sidecar.source)),
         'score': sidecar.score.name,
         'score_resolution': sidecar.score.resolution,
+        'labels': {'dtype': sidecar.labels.dtype, 'resolution': sidecar.labels.resolution},
         'input_size': list(sidecar.input_size),
         'batch': sidecar.input.batch,
         'iterations': iterations,
@@ -123,6 +133,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         loaded[graph] = _load(sc, chosen, args.threads)
         runners[graph] = graph_runner(loaded[graph], frame, args.threads)
+    compared = compare_artifacts(getattr(args, 'compare', None) or [], sidecar)
+    if compared and sidecar.score.name not in loaded:
+        raise ConfigError(f'--compare needs the artifact itself on {chosen["backend"]}, which '
+                          f'cannot run it: {_cannot_run(sidecar, chosen["backend"])}')
+    for key, sc in compared.items():
+        why = _cannot_run(sc, chosen['backend'])
+        if why:
+            raise ConfigError(f'--compare {sc.source}: cannot run on {chosen["backend"]}: '
+                              f'{why}; pick the backend with --backends')
+        runners[key] = graph_runner(_load(sc, chosen, args.threads), frame, args.threads)
     dh = graphs.get('DH')
     reference, reference_note = reference_model(args, sidecar, out)
     if reference is not None and chosen['backend'] == 'onnxruntime' and 'DH' in loaded:
@@ -135,6 +155,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  for name, samples in times.items()},
         'missing': missing,
     }
+    if compared:
+        report['compare'] = {
+            key: {'artifact': str(sc.source), 'precision': sc.precision,
+                  'score': sc.score.name, 'score_resolution': sc.score.resolution,
+                  'labels': {'dtype': sc.labels.dtype, 'resolution': sc.labels.resolution},
+                  'vs_artifact': paired_ratio(times[key], times[sidecar.score.name])}
+            for key, sc in compared.items()}
     if 'fcn' not in times and reference is not None and dh is not None:
         # The FCN ratio needs both in one runtime: onnxruntime on the CPU.
         pair = measure_interleaved(
@@ -223,6 +250,26 @@ def score_artifacts(sidecar: Any) -> tuple[dict[str, Any], list[str]]:
                 '--all-scores')
         graphs[graph] = found
     return graphs, missing
+
+
+def compare_artifacts(paths: Sequence[str], sidecar: Any) -> dict[str, Any]:
+    """{'compare: STEM': sidecar} of the --compare exports; each must take the artifact's input
+    (size and batch), else an ArtifactError."""
+    from anomaly_seg_node.artifact import read_sidecar
+
+    found: dict[str, Any] = {}
+    for path in paths:
+        other = read_sidecar(path)
+        if other.input != sidecar.input:
+            raise ArtifactError(
+                f'--compare {path} takes {other.input_size} batch {other.input.batch}, the '
+                f'artifact {sidecar.input_size} batch {sidecar.input.batch}: compare exports '
+                'of one size (export --size)')
+        key, index = f'compare: {Path(path).stem}', 2
+        while key in found:
+            key, index = f'compare: {Path(path).stem} ({index})', index + 1
+        found[key] = other
+    return found
 
 
 def backend_configs(sidecar: Any, requested: Sequence[str], device: str, precision: str
@@ -705,6 +752,17 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         for name, row in report['fcn_pair'].items():
             lines.append(f"| {names.get(name, name)} (onnxruntime cpu) | {row['median_ms']:.1f} "
                          f"| {row['p10_ms']:.1f}-{row['p90_ms']:.1f} | {row['fps']:.2f} | - |")
+    if report.get('compare'):
+        lines += ['', f"## Compared exports (over {Path(report['artifact']).name}: labels "
+                  f"{report['labels']['dtype']} at {report['labels']['resolution']})", '',
+                  '| export | precision | score at | labels | time / artifact | p10-p90 |',
+                  '|---|---|---|---|---:|---:|']
+        for name, row in report['compare'].items():
+            ratio = row['vs_artifact']
+            lines.append(f"| {name.removeprefix('compare: ')} | {row['precision']} | "
+                         f"{row['score_resolution']} | {row['labels']['dtype']} at "
+                         f"{row['labels']['resolution']} | {ratio['value']:.3f} | "
+                         f"{ratio['p10']:.3f}-{ratio['p90']:.3f} |")
     lines += ['', '## DH graph per backend', '',
               '| backend | device | precision | median ms | p10-p90 ms | FPS | note |',
               '|---|---|---|---:|---:|---:|---|']

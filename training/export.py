@@ -1,8 +1,9 @@
 """Export a segmenter as an artifact: NAME.onnx, NAME.pt2 (optional) and the sidecar NAME.json.
 
 `DeployModel` puts the whole deploy graph in one module: float32 RGB 0..255 `[N, 3, H, W]` in,
-int32 labels and the float32 anomaly score `[N, H, W]` out (normalisation lives in the segmenter,
-the score in `training.scores`), so evaluation and deployment share one implementation.
+int32 (or uint8) labels and the float32 anomaly score `[N, H, W]` out (normalisation lives in the
+segmenter, the score in `training.scores`), so evaluation and deployment share one
+implementation.
 `export_artifact` writes the graphs of the requested formats (ONNX always, the torch.export .pt2
 unless left out) at one static size and checks each against eager torch on synthetic road-like
 images before it writes the sidecar (DESIGN.md, "The artifact contract").
@@ -26,11 +27,13 @@ import torch.nn.functional as F
 
 from anomaly_seg_node import labels as label_ids
 from anomaly_seg_node.artifact import (
+    LABEL_DTYPES,
     MODEL_FILE_KINDS,
     REQUIRED_FILE_KINDS,
     SCORE_RESOLUTIONS,
     FileRef,
     InputSpec,
+    LabelOutput,
     ScoreSpec,
     Sidecar,
     sha256_file,
@@ -61,23 +64,31 @@ METADATA_KEYS = ('method', 'classes', 'palette', 'void_id', 'training', 'code_ve
 
 
 class DeployModel(nn.Module):
-    """The deploy graph: segmenter -> (argmax labels int32, anomaly score float32).
+    """The deploy graph: segmenter -> (argmax labels int32 or uint8, anomaly score float32).
 
     `segmenter(x)` takes float RGB 0..255 `[N, 3, H, W]` and returns a dict with 'logits'
     `[N, K, H, W]` and, when it has an outlier head, 'outlier_logits' `[N, 2, H, W]`.
     `score_name` is a name of `training.scores.SCORES` or 'segmentation' (labels plus a zero
     score, to benchmark the segmenter alone); `score_resolution` is where the score is computed
-    (`segmenter_scores`).
+    (`segmenter_scores`). `label_dtype` is the labels' dtype (LABEL_DTYPES) and
+    `label_resolution` where the argmax is taken ('input': on the logits upsampled bilinearly;
+    'stride4': on the decoder's stride-4 logits, the labels then upsampled by nearest neighbour,
+    which needs the score at stride 4 too: `artifact.LabelOutput`).
     """
 
     def __init__(self, segmenter: nn.Module, score_name: str,
-                 temperature: float | None = None, score_resolution: str = 'input') -> None:
+                 temperature: float | None = None, score_resolution: str = 'input',
+                 label_dtype: str = 'int32', label_resolution: str = 'input') -> None:
         super().__init__()
         _check_resolution(segmenter, score_resolution)
+        _check_label_output(segmenter, score_name, score_resolution, label_dtype,
+                            label_resolution)
         self.segmenter = segmenter
         self.score_name = score_name
         self.temperature = temperature
         self.score_resolution = score_resolution
+        self.label_dtype = label_dtype
+        self.label_resolution = label_resolution
         if score_name == SEGMENTATION:
             self.units = 'none'
             self.effective_temperature = None
@@ -92,21 +103,37 @@ class DeployModel(nn.Module):
                                                                  temperature)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stride4 = self.label_resolution == 'stride4'
         if self.score_name == SEGMENTATION:
-            logits = self.segmenter(image)['logits']  # [N, K, H, W]
-            score = torch.zeros_like(logits[:, 0], dtype=torch.float32)
+            if stride4:
+                segmenter = self.segmenter
+                logits = segmenter.forward_heads(segmenter.forward_features(image))['logits']
+            else:
+                logits = self.segmenter(image)['logits']  # [N, K, H, W]
+            score = torch.zeros_like(image[:, 0], dtype=torch.float32)
         else:
+            # [N, K, H, W], or [N, K, H/4, W/4] for labels at stride 4
             logits, scores = segmenter_scores(
                 self.segmenter, image, [self.score_name], {self.score_name: self.temperature},
-                self.score_resolution)
+                self.score_resolution, upsample_logits=not stride4)
             score = scores[self.score_name]
-        return logits.argmax(dim=1).to(torch.int32), score.to(torch.float32)
+        labels = logits.argmax(dim=1, keepdim=True)  # [N, 1, h, w]
+        if stride4:
+            # Nearest on float ids (exact below 2**24): each stride-4 cell fills the 4x4 input
+            # pixels whose bilinear weights it dominates.
+            labels = F.interpolate(labels.to(torch.float32), size=tuple(image.shape[-2:]),
+                                   mode='nearest')
+        return labels[:, 0].to(_TORCH_LABEL_DTYPES[self.label_dtype]), score.to(torch.float32)
 
 
 def segmenter_scores(segmenter: nn.Module, image: torch.Tensor, names: Sequence[str],
-                     temperatures: Mapping[str, float | None],
-                     resolution: str = 'input') -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     temperatures: Mapping[str, float | None], resolution: str = 'input',
+                     upsample_logits: bool = True
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """image `[N, 3, H, W]` -> (logits `[N, K, H, W]`, {score: float32 `[N, H, W]`}).
+
+    With `upsample_logits` False and resolution 'stride4' the logits stay at stride 4
+    `[N, K, H/4, W/4]` (labels at stride 4 skip the K-channel upsample).
 
     resolution 'input': every score on the logits upsampled to H x W (the paper). 'stride4':
     the scores on the decoder's stride-4 logits (a SwiftNet's `forward_heads`), each score map
@@ -122,8 +149,10 @@ def segmenter_scores(segmenter: nn.Module, image: torch.Tensor, names: Sequence[
         logits = heads['logits']
     else:
         heads = segmenter.forward_heads(segmenter.forward_features(image))  # stride 4
-        logits = F.interpolate(heads['logits'], size=tuple(size), mode='bilinear',
-                               align_corners=False)
+        logits = heads['logits']
+        if upsample_logits:
+            logits = F.interpolate(logits, size=tuple(size), mode='bilinear',
+                                   align_corners=False)
     outlier = heads.get('outlier_logits')
     scores = {}
     for name in names:
@@ -137,6 +166,26 @@ def segmenter_scores(segmenter: nn.Module, image: torch.Tensor, names: Sequence[
                                   align_corners=False)[:, 0]
         scores[name] = score
     return logits, scores
+
+
+_TORCH_LABEL_DTYPES = {'int32': torch.int32, 'uint8': torch.uint8}
+
+
+def _check_label_output(segmenter: nn.Module, score_name: str, score_resolution: str,
+                        dtype: str, resolution: str) -> None:
+    if dtype not in LABEL_DTYPES:
+        raise ConfigError(f'unknown label dtype {dtype!r}; expected one of {list(LABEL_DTYPES)}')
+    _check_resolution(segmenter, resolution)
+    check_label_resolution(score_name, score_resolution, resolution)
+
+
+def check_label_resolution(score_name: str, score_resolution: str, resolution: str) -> None:
+    """ConfigError when labels at `resolution` would not save anything with this score."""
+    if resolution == 'stride4' and score_name != SEGMENTATION and score_resolution != 'stride4':
+        raise ConfigError(
+            'labels at stride4 save the upsample of the class logits only when the score is '
+            'computed at stride 4 as well; use --score-resolution stride4 with '
+            '--label-resolution stride4')
 
 
 def _check_resolution(segmenter: nn.Module, resolution: str) -> None:
@@ -217,6 +266,7 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
         score=ScoreSpec(name=model.score_name, units=model.units,
                         temperature=model.effective_temperature,
                         resolution=model.score_resolution),
+        labels=LabelOutput(dtype=model.label_dtype, resolution=model.label_resolution),
         input=InputSpec(height=height, width=width, batch=batch,
                         pad_rgb=_pad_rgb(metadata.get('pad_rgb'))),
         classes=tuple(classes),
@@ -318,9 +368,10 @@ def parity_figures(reference: tuple[np.ndarray, np.ndarray],
         raise ArtifactError(f'exported graph returned shapes {labels.shape}, {score.shape}; '
                             f'eager torch returned {ref_labels.shape}, {ref_score.shape}'
                             ) from None
-    if labels.dtype != np.int32 or score.dtype != np.float32:
+    if labels.dtype != ref_labels.dtype or score.dtype != np.float32:
         raise ArtifactError(f'exported graph returned {labels.dtype} labels and {score.dtype} '
-                            'scores; the contract is int32 labels and float32 scores')
+                            f'scores; the contract is {ref_labels.dtype} labels (as the eager '
+                            'graph) and float32 scores')
     return {key: figures[key] for key in PARITY_FIGURES}
 
 

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from anomaly_seg_node.artifact import SCORE_RESOLUTIONS
+from anomaly_seg_node.artifact import LABEL_DTYPES, SCORE_RESOLUTIONS
 from anomaly_seg_node.errors import ConfigError
 from training.cli_types import size_arg
 from training.score_info import TABLE_II_GRAPHS, is_tempered, needs_outlier_head
@@ -83,6 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bilinearly; DH costs 1.8%% over segmentation alone instead of "
                              "10%%, same AP) or 'input' (the paper: on the logits upsampled to "
                              'the input size)')
+    parser.add_argument('--label-dtype', choices=LABEL_DTYPES, default='int32',
+                        help="dtype of the labels output: 'int32' (default; what every release "
+                             "reads) or 'uint8' (a quarter of the bytes to copy off a GPU; "
+                             'needs a runtime of this version or later)')
+    parser.add_argument('--label-resolution', choices=SCORE_RESOLUTIONS, default='input',
+                        help="where the argmax is taken: 'input' (default: on the class logits "
+                             "upsampled bilinearly) or 'stride4' (on the decoder's stride-4 "
+                             'logits, the labels then upsampled by nearest neighbour: no '
+                             'K-channel upsample, blockier class borders; needs '
+                             '--score-resolution stride4)')
     parser.add_argument('--batch', type=int, default=1, metavar='K',
                         help='static batch of the graph (default 1)')
     parser.add_argument('--calibration-data', metavar='DIR',
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from training import quantize
     from training import scores as score_module
     from training.calibration import ScoreMaps, calibrate_on_data, calibrate_synthetic
-    from training.export import DeployModel, export_artifact
+    from training.export import DeployModel, check_label_resolution, export_artifact
 
     try:
         formats = parse_formats(','.join(getattr(args, 'formats', FORMATS)))
@@ -138,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     int8_frames = DEFAULT_INT8_FRAMES if int8_frames is None else int8_frames
     if int8 and int8_frames < 1:
         raise ConfigError(f'--int8-frames must be >= 1, got {int8_frames}')
+    check_label_resolution(args.score or 'DH', args.score_resolution, args.label_resolution)
     cfg, segmenter, origin = _load_network(args)
     has_head = bool(getattr(segmenter, 'has_outlier_head', False))
     main_score = args.score or ('DH' if has_head else (cfg.eval.scores or ('MSP',))[0])
@@ -197,7 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     thresholds: dict[str, Any] = {}
     for score in exports:
         stem = out if score == main_score else sibling_stem(out, score)
-        model = DeployModel(segmenter, score, temperatures.get(score), resolution)
+        model = DeployModel(segmenter, score, temperatures.get(score), resolution,
+                            args.label_dtype, args.label_resolution)
         score_thresholds = calibration.thresholds.get(score, {})
         sidecar = export_artifact(
             model, stem, size=size, batch=args.batch,
@@ -236,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'size': f'{size[0]}x{size[1]}',
         'batch': args.batch,
         'score_resolution': resolution,
+        'labels': {'dtype': args.label_dtype, 'resolution': args.label_resolution},
         'formats': list(formats),
         'source': origin['source'],
         'calibration': calibration.info.get('source'),

@@ -73,12 +73,13 @@ KEEP_CHECKPOINTS = 3
 # Test hook: SIGKILL this process right after the checkpoint of this step is written.
 KILL_AT_STEP_ENV = 'ANOMALY_SEG_TEST_KILL_AT_STEP'
 # Keys that may differ between a checkpoint's config and the resumed run's: they do not change
-# what is computed (where things live, how often to log or save), except train.max_steps: a
-# larger value continues the run, and the cosine decay is stretched over the new total.
+# what is computed (where things live, how often to log or save), except train.max_steps and
+# train.epochs: a larger value continues the run, and the cosine decay is stretched over the new
+# total (a warm restart at the stretched schedule's rate).
 RESUME_MAY_CHANGE = frozenset({
-    'train.max_steps', 'train.checkpoint_every', 'train.log_every', 'train.out_dir',
-    'train.device', 'data.root', 'data.num_workers', 'negatives.ade_root', 'flow.checkpoint',
-    'model.init_checkpoint', 'model.pretrained'})
+    'train.max_steps', 'train.epochs', 'train.checkpoint_every', 'train.log_every',
+    'train.out_dir', 'train.device', 'data.root', 'data.num_workers', 'negatives.ade_root',
+    'flow.checkpoint', 'model.init_checkpoint', 'model.pretrained'})
 
 
 @dataclasses.dataclass
@@ -478,8 +479,73 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: str | N
             dist.destroy_process_group()
 
 
+@dataclasses.dataclass
+class _Run:
+    """One process's training state: what a checkpoint holds and the loop advances."""
+
+    cfg: Config
+    info: _Dist
+    device: torch.device
+    out: Path
+    amp: bool
+    code: str
+    segmenter: SwiftNet | None
+    flow: DenseFlow | None
+    data: _Data
+    total: int  # steps of the whole run
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    scalers: dict[str, Any]
+    patches: torch.Generator  # patch layouts and flow noise of this rank
+    step: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / 'checkpoints'
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.steps_per_epoch
+
+
 def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Dist,
            device: torch.device, start_time: float) -> dict[str, Any]:
+    resume_path, state, removed = _open_run(cfg, out, resume, info)
+    run = _build(cfg, out, state is not None, info, device)
+    if state is not None:
+        _restore(run, state, resume_path)
+    else:
+        # Same init on every rank (above); from here each rank draws its own noise.
+        _seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
+    log = _Log(out / 'log.jsonl', info.main, run.step if state is not None else None)
+    summary: dict[str, Any] = {
+        'method': cfg.method, 'out_dir': str(out), 'device': str(device), 'amp': run.amp,
+        'world_size': info.world, 'steps_per_epoch': run.steps_per_epoch,
+        'total_steps': run.total, 'resumed_from': str(resume_path) if resume_path else None,
+        'start_step': run.step, 'removed_temp_files': [str(p) for p in removed]}
+    if state is not None and resume_path is not None and state.get('finished') \
+            and run.step >= run.total:
+        final_path, note = _complete_finished_run(run, state, resume_path, log)
+        summary.update(final_checkpoint=str(final_path), steps=run.step, note=note)
+        return summary
+    _warn_if_nothing_is_saved(run)
+    log.write({'kind': 'start', 'step': run.step, 'method': cfg.method,
+               'world_size': info.world, 'device': str(device), 'amp': run.amp,
+               'total_steps': run.total, 'steps_per_epoch': run.steps_per_epoch,
+               'resumed_from': summary['resumed_from'], 'code_version': run.code})
+    last_losses, last_val = _loop(run, log, progress)
+    final, digests = _end(run, log, start_time)
+    summary.update(steps=run.step, epochs=run.step / run.steps_per_epoch,
+                   final_checkpoint=str(run.ckpt_dir / ckpt_io.FINAL_NAME),
+                   last_checkpoint=str(final), losses=last_losses, val=last_val,
+                   state_digest=digests[0], seconds=round(time.time() - start_time, 2))
+    return summary
+
+
+def _open_run(cfg: Config, out: Path, resume: str | None, info: _Dist
+              ) -> tuple[Path | None, dict[str, Any] | None, list[Path]]:
+    """The checkpoint to resume from and its contents (None, None for a new run), after the
+    config and folder checks; rank 0 writes config.yaml and removes stale temporary files."""
     resume_path = resolve_resume(cfg, resume, out)
     state = ckpt_io.load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None:
@@ -502,14 +568,16 @@ def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Di
         if removed:
             print(f'note: removed {len(removed)} temporary checkpoint file(s) of killed runs '
                   f'from {ckpt_dir}: {", ".join(p.name for p in removed)}', file=sys.stderr)
-    amp = cfg.train.amp and device.type == 'cuda'
-    code = _code_version()
+    return resume_path, state, removed
 
+
+def _build(cfg: Config, out: Path, resuming: bool, info: _Dist, device: torch.device) -> _Run:
+    """Networks, data, optimisers, schedulers and scalers at step 0, seeded by train.seed."""
     _seed_everything(cfg.train.seed)
     train_segmenter = cfg.method != 'flow_pretrain'
     needs_flow = cfg.negatives_kind == 'flow' or cfg.method == 'flow_pretrain'
     # A resumed run gets its weights from the checkpoint: skip init files and downloads.
-    start_cfg = cfg if state is None else Config.from_dict(
+    start_cfg = cfg if not resuming else Config.from_dict(
         {**cfg.to_dict(), 'model': {**cfg.to_dict()['model'], 'init_checkpoint': None,
                                     'pretrained': False},
          'flow': {**cfg.to_dict()['flow'], 'checkpoint': None}})
@@ -536,162 +604,178 @@ def _train(cfg: Config, out: Path, resume: str | None, progress: bool, info: _Di
         optimizers['flow'] = torch.optim.Adamax(flow.parameters(), lr=f.lr, betas=tuple(f.betas),
                                                 eps=f.eps, weight_decay=f.weight_decay)
         schedulers['flow'] = _flow_scheduler(cfg, optimizers['flow'], spe)
+    amp = cfg.train.amp and device.type == 'cuda'
     scalers = {name: torch.amp.GradScaler('cuda') for name in optimizers} if amp else {}
     patches = torch.Generator().manual_seed(_rank_seed(cfg.train.seed, info.rank, 1))
+    return _Run(cfg=cfg, info=info, device=device, out=out, amp=amp, code=_code_version(),
+                segmenter=segmenter, flow=flow, data=data, total=total,
+                optimizers=optimizers, schedulers=schedulers, scalers=scalers,
+                patches=patches)
 
-    step = 0
-    if state is not None:
-        if segmenter is not None:
-            segmenter.load_state_dict(state['segmenter']['state'])
-        if flow is not None:
-            flow.load_state_dict(state['flow']['state'])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state['optimizers'][name])
-            schedulers[name].load_state_dict(state['schedulers'][name])
-        for name, scaler in scalers.items():
-            if state['scalers'].get(name):
-                scaler.load_state_dict(state['scalers'][name])
-        step = int(state['step'])
-        rng = state['rng']
-        if int(state.get('world_size', 1)) == info.world:
-            ckpt_io.set_rng_state(rng[info.rank], patches)
-        else:
-            print(f'warning: {resume_path} was written by {state.get("world_size")} processes, '
-                  f'this run has {info.world}: the data order continues, the random streams '
-                  'restart from the seed (not bitwise exact)', file=sys.stderr)
-            _seed_everything(_rank_seed(cfg.train.seed, info.rank, step))
+
+def _restore(run: _Run, state: Mapping[str, Any], resume_path: Path | None) -> None:
+    """Weights, optimiser, scheduler and scaler states, step and random streams of `state`."""
+    if run.segmenter is not None:
+        run.segmenter.load_state_dict(state['segmenter']['state'])
+    if run.flow is not None:
+        run.flow.load_state_dict(state['flow']['state'])
+    for name, opt in run.optimizers.items():
+        opt.load_state_dict(state['optimizers'][name])
+        run.schedulers[name].load_state_dict(state['schedulers'][name])
+    for name, scaler in run.scalers.items():
+        if state['scalers'].get(name):
+            scaler.load_state_dict(state['scalers'][name])
+    run.step = int(state['step'])
+    info = run.info
+    if int(state.get('world_size', 1)) == info.world:
+        ckpt_io.set_rng_state(state['rng'][info.rank], run.patches)
     else:
-        # Same init on every rank (above); from here each rank draws its own noise.
-        _seed_everything(_rank_seed(cfg.train.seed, info.rank, 0))
+        print(f'warning: {resume_path} was written by {state.get("world_size")} processes, '
+              f'this run has {info.world}: the data order continues, the random streams '
+              'restart from the seed (not bitwise exact)', file=sys.stderr)
+        _seed_everything(_rank_seed(run.cfg.train.seed, info.rank, run.step))
 
-    model = segmenter
-    if segmenter is not None and info.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            segmenter, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    log = _Log(out / 'log.jsonl', info.main, step if state is not None else None)
-    summary: dict[str, Any] = {
-        'method': cfg.method, 'out_dir': str(out), 'device': str(device), 'amp': amp,
-        'world_size': info.world, 'steps_per_epoch': spe, 'total_steps': total,
-        'resumed_from': str(resume_path) if resume_path else None, 'start_step': step,
-        'removed_temp_files': [str(p) for p in removed]}
-    if state is not None and state.get('finished') and step >= total:
-        final_path = ckpt_dir / ckpt_io.FINAL_NAME
-        note = 'the run had already finished; nothing to do'
-        # A kill between the last step's checkpoint and final.pt leaves a finished run
-        # without final.pt (or with the final.pt of a shorter run): write it now.
-        if info.main and resume_path.resolve() != final_path.resolve() \
-                and not ckpt_io.is_checkpoint_of_step(final_path, step):
-            ckpt_io.save_checkpoint(state, final_path)
-            log.write({'kind': 'checkpoint', 'step': step, 'path': str(final_path),
-                       'finished': True, 'copied_from': str(resume_path)})
-            note = f'the run had already finished; wrote its missing {final_path.name}'
-        info.barrier()
-        summary.update(final_checkpoint=str(final_path), steps=step, note=note)
-        return summary
-    every = cfg.train.checkpoint_every
-    if info.main and total - step > 1 and (step // every + 1) * every >= total:
+def _complete_finished_run(run: _Run, state: dict[str, Any], resume_path: Path, log: _Log
+                           ) -> tuple[Path, str]:
+    """(final.pt, note) of a run resumed after its last step: nothing to train."""
+    final_path = run.ckpt_dir / ckpt_io.FINAL_NAME
+    note = 'the run had already finished; nothing to do'
+    # A kill between the last step's checkpoint and final.pt leaves a finished run without
+    # final.pt (or with the final.pt of a shorter run): write it now.
+    if run.info.main and resume_path.resolve() != final_path.resolve() \
+            and not ckpt_io.is_checkpoint_of_step(final_path, run.step):
+        ckpt_io.save_checkpoint(state, final_path)
+        log.write({'kind': 'checkpoint', 'step': run.step, 'path': str(final_path),
+                   'finished': True, 'copied_from': str(resume_path)})
+        note = f'the run had already finished; wrote its missing {final_path.name}'
+    run.info.barrier()
+    return final_path, note
+
+
+def _warn_if_nothing_is_saved(run: _Run) -> None:
+    every, left = run.cfg.train.checkpoint_every, run.total - run.step
+    if run.info.main and left > 1 and (run.step // every + 1) * every >= run.total:
         print(f'warning: train.checkpoint_every={every} saves nothing before final.pt in the '
-              f'{total - step} steps left, so a killed run starts over; set e.g. '
-              f'train.checkpoint_every={max((total - step) // 4, 1)}', file=sys.stderr)
-    log.write({'kind': 'start', 'step': step, 'method': cfg.method, 'world_size': info.world,
-               'device': str(device), 'amp': amp, 'total_steps': total,
-               'steps_per_epoch': spe, 'resumed_from': summary['resumed_from'],
-               'code_version': code})
+              f'{left} steps left, so a killed run starts over; set e.g. '
+              f'train.checkpoint_every={max(left // 4, 1)}', file=sys.stderr)
 
-    def save(finished: bool) -> Path:
-        rngs = [ckpt_io.rng_state(patches)]
-        if info.world > 1:
-            rngs = [None] * info.world
-            dist.all_gather_object(rngs, ckpt_io.rng_state(patches))
-        path = ckpt_io.step_path(ckpt_dir, step)
-        if info.main:
-            obj = {
-                'format': ckpt_io.FORMAT, 'version': ckpt_io.VERSION, 'code_version': code,
-                'method': cfg.method, 'config': cfg.to_dict(), 'step': step,
-                'epoch': step // spe, 'finished': finished,
-                'segmenter': None if segmenter is None else {
-                    'config': segmenter.config(), 'state': segmenter.state_dict()},
-                'flow': None if flow is None else {
-                    'config': flow.config(), 'state': flow.state_dict()},
-                'optimizers': {k: v.state_dict() for k, v in optimizers.items()},
-                'schedulers': {k: v.state_dict() for k, v in schedulers.items()},
-                'scalers': {k: v.state_dict() for k, v in scalers.items()},
-                'rng': [_cpu_rng(r) for r in rngs], 'world_size': info.world,
-            }
-            ckpt_io.save_checkpoint(obj, path)
-            if finished:
-                ckpt_io.save_checkpoint(obj, ckpt_dir / ckpt_io.FINAL_NAME)
-            ckpt_io.prune_checkpoints(ckpt_dir, KEEP_CHECKPOINTS)
-            log.write({'kind': 'checkpoint', 'step': step, 'path': str(path),
-                       'finished': finished})
-        info.barrier()
-        if os.environ.get(KILL_AT_STEP_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
 
-    bar = tqdm(total=total, initial=step, desc=cfg.method, unit='step',
+def _save(run: _Run, log: _Log, finished: bool) -> Path:
+    """checkpoints/step_NNNNNNN.pt (and final.pt when `finished`) on rank 0, every rank's
+    random streams in it; the newest KEEP_CHECKPOINTS step files are kept."""
+    info, step = run.info, run.step
+    rngs = [ckpt_io.rng_state(run.patches)]
+    if info.world > 1:
+        rngs = [None] * info.world
+        dist.all_gather_object(rngs, ckpt_io.rng_state(run.patches))
+    path = ckpt_io.step_path(run.ckpt_dir, step)
+    if info.main:
+        segmenter, flow = run.segmenter, run.flow
+        obj = {
+            'format': ckpt_io.FORMAT, 'version': ckpt_io.VERSION, 'code_version': run.code,
+            'method': run.cfg.method, 'config': run.cfg.to_dict(), 'step': step,
+            'epoch': step // run.steps_per_epoch, 'finished': finished,
+            'segmenter': None if segmenter is None else {
+                'config': segmenter.config(), 'state': segmenter.state_dict()},
+            'flow': None if flow is None else {
+                'config': flow.config(), 'state': flow.state_dict()},
+            'optimizers': {k: v.state_dict() for k, v in run.optimizers.items()},
+            'schedulers': {k: v.state_dict() for k, v in run.schedulers.items()},
+            'scalers': {k: v.state_dict() for k, v in run.scalers.items()},
+            'rng': [_cpu_rng(r) for r in rngs], 'world_size': info.world,
+        }
+        ckpt_io.save_checkpoint(obj, path)
+        if finished:
+            ckpt_io.save_checkpoint(obj, run.ckpt_dir / ckpt_io.FINAL_NAME)
+        ckpt_io.prune_checkpoints(run.ckpt_dir, KEEP_CHECKPOINTS)
+        log.write({'kind': 'checkpoint', 'step': step, 'path': str(path),
+                   'finished': finished})
+    info.barrier()
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+def _loop(run: _Run, log: _Log, progress: bool
+          ) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Steps from run.step to run.total with logging, validation and checkpoints; the last
+    logged losses and validation."""
+    cfg, info, device, flow = run.cfg, run.info, run.device, run.flow
+    spe, total = run.steps_per_epoch, run.total
+    model: nn.Module | None = run.segmenter
+    if run.segmenter is not None and info.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            run.segmenter, device_ids=[device.index] if device.type == 'cuda' else None)
+    bar = tqdm(total=total, initial=run.step, desc=cfg.method, unit='step',
                disable=not (progress and info.main), dynamic_ncols=True)
     last_losses: dict[str, float] = {}
     last_val: dict[str, Any] | None = None
-    while step < total:
-        epoch, skip = divmod(step, spe)
-        for batch, negatives in data.epoch(epoch, skip):
-            if flow is not None and step == 0:
+    while run.step < total:
+        epoch, skip = divmod(run.step, spe)
+        for batch, negatives in run.data.epoch(epoch, skip):
+            if flow is not None and run.step == 0:
                 _initialise_flow(flow, batch['image'].to(device), cfg, info)
-            losses = compute_step(cfg, model, flow, batch, negatives, patches,
-                                  scalers or None)
+            losses = compute_step(cfg, model, flow, batch, negatives, run.patches,
+                                  run.scalers or None)
             if flow is not None and info.world > 1:
                 _average_flow_grads(flow, info.world)
-            for name, opt in optimizers.items():
-                if name in scalers:
-                    scalers[name].step(opt)
-                    scalers[name].update()
+            for name, opt in run.optimizers.items():
+                if name in run.scalers:
+                    run.scalers[name].step(opt)
+                    run.scalers[name].update()
                 else:
                     opt.step()
-                schedulers[name].step()
-            step += 1
+                run.schedulers[name].step()
+            run.step += 1
+            step = run.step
             bar.update(1)
             if step % cfg.train.log_every == 0 or step in (1, total):
                 last_losses = _mean_over_ranks(losses, info, device)
-                lrs = {g.get('name', name): g['lr']
-                       for name, opt in optimizers.items() for g in opt.param_groups}
-                record = {'kind': 'train', 'step': step, 'epoch': step / spe,
-                          'losses': last_losses, 'lr': lrs}
-                if scalers:
-                    record['loss_scale'] = {k: float(s.get_scale()) for k, s in scalers.items()}
-                log.write(record)
+                _log_step(run, log, last_losses)
                 bar.set_postfix({k: f'{v:.4g}' for k, v in list(last_losses.items())[:3]})
             if step % spe == 0 and (step // spe) % cfg.train.val_every == 0:
                 if info.main:
-                    last_val = validate(cfg, segmenter, flow, device, progress)
+                    last_val = validate(cfg, run.segmenter, flow, device, progress)
                     log.write({'kind': 'val', 'step': step, 'epoch': step // spe, **last_val})
                 info.barrier()
             if step % cfg.train.checkpoint_every == 0 and step < total:
-                save(finished=False)
+                _save(run, log, finished=False)
             if step >= total:
                 break
     bar.close()
+    return last_losses, last_val
+
+
+def _log_step(run: _Run, log: _Log, losses: Mapping[str, float]) -> None:
+    lrs = {g.get('name', name): g['lr']
+           for name, opt in run.optimizers.items() for g in opt.param_groups}
+    record = {'kind': 'train', 'step': run.step, 'epoch': run.step / run.steps_per_epoch,
+              'losses': dict(losses), 'lr': lrs}
+    if run.scalers:
+        record['loss_scale'] = {k: float(s.get_scale()) for k, s in run.scalers.items()}
+    log.write(record)
+
+
+def _end(run: _Run, log: _Log, start_time: float) -> tuple[Path, list[str]]:
+    """The final checkpoint and every rank's state digest (equal when DDP kept them in sync)."""
+    info, segmenter, flow = run.info, run.segmenter, run.flow
     if info.world > 1 and segmenter is not None:
         # BatchNorm statistics of the last forward are local; DDP would broadcast rank 0's at
         # the next forward (broadcast_buffers), and the checkpoint holds rank 0's: do it now.
         for buffer in segmenter.buffers():
             dist.broadcast(buffer, src=0)
-    final = save(finished=True)
-    digests = [state_digest(segmenter, flow)]
+    final = _save(run, log, finished=True)
+    digests: list[Any] = [state_digest(segmenter, flow)]
     if info.world > 1:
         digests = [None] * info.world
         dist.all_gather_object(digests, state_digest(segmenter, flow))
-    log.write({'kind': 'end', 'step': step, 'seconds': round(time.time() - start_time, 2),
+    log.write({'kind': 'end', 'step': run.step, 'seconds': round(time.time() - start_time, 2),
                'state_digests': digests, 'ranks_in_sync': len(set(digests)) == 1})
     if len(set(digests)) != 1:
         print('warning: the processes ended with different weights (digests '
               f'{digests}); DDP lost synchronisation', file=sys.stderr)
-    summary.update(steps=step, epochs=step / spe,
-                   final_checkpoint=str(ckpt_dir / ckpt_io.FINAL_NAME), last_checkpoint=str(final),
-                   losses=last_losses, val=last_val, state_digest=digests[0],
-                   seconds=round(time.time() - start_time, 2))
-    return summary
+    return final, digests
 
 
 def state_digest(*models: nn.Module | None) -> str:

@@ -16,6 +16,7 @@ import pytest
 from anomaly_seg_node.artifact import (
     FileRef,
     InputSpec,
+    LabelOutput,
     ScoreSpec,
     Sidecar,
     read_sidecar,
@@ -72,7 +73,8 @@ def test_round_trip(artifact: Path) -> None:
     assert sidecar.source == str(artifact.resolve())
     assert sidecar.input_size == (8, 12)
     assert sidecar.file_path('onnx') == artifact.parent.resolve() / 'm.onnx'
-    assert sidecar.outputs['labels'] == {'dtype': 'int32', 'shape': [2, 8, 12]}
+    assert sidecar.outputs['labels'] == {'dtype': 'int32', 'shape': [2, 8, 12],
+                                         'resolution': 'input'}
     document = _document(artifact)
     assert document['schema_version'] == 1
     assert document['input'] == {'height': 8, 'width': 12, 'batch': 2, 'name': 'image',
@@ -160,7 +162,9 @@ ILL_TYPED = [
     ('input.layout', 'NHWC', "'NCHW'"),
     ('input.channels', 'BGR', "'RGB'"),
     ('input.range', [0, 1], r'\[0, 255\]'),
-    ('outputs.labels.dtype', 'uint8', "'int32'"),
+    ('outputs.labels.dtype', 'int64', r"one of \['int32', 'uint8'\]"),
+    ('outputs.labels.resolution', 'stride8', r"one of \['input', 'stride4'\]"),
+    ('outputs.anomaly_score.dtype', 'float16', "'float32'"),
     ('outputs.anomaly_score.shape', [1, 8, 12], r'\[2, 8, 12\]'),
     ('classes', [], 'non-empty list'),
     ('classes', ['road', 3, 'sky'], 'non-empty list'),
@@ -307,6 +311,20 @@ def test_score_resolution_round_trips(artifact: Path) -> None:
     path = write_sidecar(low, artifact)
     assert _document(path)['score']['resolution'] == 'stride4'
     assert read_sidecar(path).score.resolution == 'stride4'
+
+
+def test_label_output_round_trips_and_defaults_to_int32_at_input(artifact: Path) -> None:
+    document = _document(artifact)
+    assert document['outputs']['labels'] == {'dtype': 'int32', 'shape': [2, 8, 12],
+                                             'resolution': 'input'}
+    del document['outputs']['labels']['resolution']  # sidecars written before the field
+    _rewrite(artifact, document)
+    assert read_sidecar(artifact).labels == LabelOutput('int32', 'input')
+    small = dataclasses.replace(_sidecar(), labels=LabelOutput('uint8', 'stride4'))
+    path = write_sidecar(small, artifact)
+    assert _document(path)['outputs']['labels'] == {'dtype': 'uint8', 'shape': [2, 8, 12],
+                                                    'resolution': 'stride4'}
+    assert read_sidecar(path).labels == LabelOutput('uint8', 'stride4')
 
 
 def test_document_is_not_mutated_by_reading(artifact: Path) -> None:

@@ -16,6 +16,7 @@ from anomaly_seg_node import backends
 from anomaly_seg_node.artifact import read_sidecar
 from anomaly_seg_node.check_images import road_like_images
 from anomaly_seg_node.errors import ArtifactError, BackendError
+from anomaly_seg_node.pipeline import FramePipeline
 from training.export import DeployModel, export_artifact
 
 SIZE = (64, 96)
@@ -70,6 +71,27 @@ def test_backend_agrees_with_eager(artifact: Path, model: DeployModel, frames: n
     single = segmenter(frames[1])
     assert single.labels.shape == (1, *SIZE)
     _assert_agrees(single, (reference[0][1:], reference[1][1:]))
+
+
+@pytest.mark.parametrize('backend', ['onnxruntime', 'torch'])
+def test_uint8_labels_come_out_as_uint8_and_render_the_same(
+        artifact: Path, model: DeployModel, frames: np.ndarray, tmp_path: Path,
+        backend: str) -> None:
+    small = DeployModel(model.segmenter, 'DH', label_dtype='uint8')
+    export_artifact(small, tmp_path / 'u8', size=SIZE, batch=BATCH, check_images=2,
+                    thresholds={'tpr95': -3.0})
+    wide = backends.load(artifact, backend=backend, device='cpu')
+    narrow = backends.load(tmp_path / 'u8.json', backend=backend, device='cpu')
+    wide_out, narrow_out = wide(frames), narrow(frames)
+    assert narrow_out.labels.dtype == np.uint8 and wide_out.labels.dtype == np.int32
+    np.testing.assert_array_equal(narrow_out.labels, wide_out.labels)
+    sidecar = read_sidecar(artifact)
+    outputs = []
+    for segmenter in (wide, narrow):
+        pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, threshold=-3.0)
+        outputs.append(pipeline.process(frames[0][:48, :80]))  # resized both ways
+    for name in ('semantic_mask', 'semantic_color', 'overlay', 'anomaly_mask'):
+        np.testing.assert_array_equal(getattr(outputs[0], name), getattr(outputs[1], name))
 
 
 def test_auto_picks_onnxruntime_on_cpu_and_says_why(artifact: Path) -> None:

@@ -216,6 +216,33 @@ def test_frame_stages_leave_the_measured_backend_unchanged(artifact: Path, backe
     np.testing.assert_array_equal(again.anomaly_score, expected.anomaly_score)
 
 
+def test_compared_exports_run_in_the_same_rounds(artifact: Path, tmp_path: Path) -> None:
+    segmenter = TinySegmenter().eval()
+    export_artifact(DeployModel(segmenter, 'DH', label_dtype='uint8'), tmp_path / 'u8',
+                    size=SIZE, thresholds={'tpr95': -1.0}, check_images=1, formats=('onnx',))
+    report = bench.run(parse('--artifact', str(artifact), '--compare', str(tmp_path / 'u8.json'),
+                             '--compare', str(tmp_path / 'u8.json'), '--backends', 'onnxruntime',
+                             '--iterations', '4', '--warmup', '0', '--threads', '1'))
+    assert list(report['compare']) == ['compare: u8', 'compare: u8 (2)']
+    row = report['compare']['compare: u8']
+    assert row['labels'] == {'dtype': 'uint8', 'resolution': 'input'}
+    assert row['precision'] == 'fp32' and row['score'] == 'DH'
+    assert report['labels'] == {'dtype': 'int32', 'resolution': 'input'}
+    rows = report['graphs']['rows']
+    assert rows['compare: u8']['samples'] == rows['DH']['samples'] == 4
+    ratio = row['vs_artifact']
+    assert ratio['p10'] <= ratio['value'] <= ratio['p90'] and ratio['value'] > 0
+    assert '| u8 | fp32 | input | uint8 at input |' in bench.format_markdown(report)
+    export_artifact(DeployModel(segmenter, 'DH'), tmp_path / 'small', size=(32, 48),
+                    check_images=1, formats=('onnx',))
+    with pytest.raises(ArtifactError, match=r'takes \(32, 48\).*one size'):
+        bench.run(parse('--artifact', str(artifact), '--compare', str(tmp_path / 'small.json'),
+                        '--iterations', '1'))
+    with pytest.raises(ConfigError, match='cannot run on torch'):
+        bench.run(parse('--artifact', str(artifact), '--compare', str(tmp_path / 'u8.json'),
+                        '--backends', 'torch', '--iterations', '1'))
+
+
 def test_siblings_must_match_and_bad_options_fail_clearly(artifact: Path,
                                                           tmp_path: Path) -> None:
     sidecar = read_sidecar(artifact)

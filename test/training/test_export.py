@@ -304,6 +304,58 @@ def test_stride4_export_records_its_resolution(tmp_path: Path) -> None:
         DeployModel(tiny_segmenter(), 'DH', score_resolution='stride8')
 
 
+def test_stride4_labels_are_the_stride4_argmax_repeated_over_4x4_cells() -> None:
+    net = _rescaled_swiftnet()
+    x = torch.from_numpy(road_like_images(2, 64, 96, seed=4)).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        low = net.forward_heads(net.forward_features(x))['logits'].argmax(1)  # [2, 16, 24]
+        labels, score = DeployModel(net, 'DH', score_resolution='stride4',
+                                    label_dtype='uint8', label_resolution='stride4')(x)
+        full_labels, full_score = DeployModel(net, 'DH', score_resolution='stride4')(x)
+    expected = low.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+    assert labels.dtype == torch.uint8 and full_labels.dtype == torch.int32
+    assert torch.equal(labels.long(), expected)
+    torch.testing.assert_close(score, full_score)  # the score does not change
+    # Interior pixels of each cell agree with the bilinear argmax; borders may not.
+    assert 0.7 < float((labels.long() == full_labels.long()).float().mean()) < 1.0
+
+
+def test_uint8_stride4_labels_export_with_parity(tmp_path: Path) -> None:
+    model = DeployModel(_rescaled_swiftnet(), 'DH', score_resolution='stride4',
+                        label_dtype='uint8', label_resolution='stride4')
+    sidecar = export_artifact(model, tmp_path / 'u8', size=(64, 96), check_images=2)
+    for runtime in ('onnxruntime', 'torch_export'):
+        assert sidecar.parity[runtime]['label_agreement'] == 1.0
+        assert sidecar.parity[runtime]['score_diff_over_std'] <= 1e-3
+    read = read_sidecar(tmp_path / 'u8.json')
+    assert read.labels.dtype == 'uint8' and read.labels.resolution == 'stride4'
+    assert read.outputs['labels'] == {'dtype': 'uint8', 'shape': [1, 64, 96],
+                                      'resolution': 'stride4'}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / 'u8.onnx'), providers=['CPUExecutionProvider'])
+    assert {o.name: o.type for o in session.get_outputs()} == {
+        'labels': 'tensor(uint8)', 'anomaly_score': 'tensor(float)'}
+    image = road_like_images(1, 64, 96, seed=9)
+    labels, _ = session.run(None, {'image': image.transpose(0, 3, 1, 2).astype(np.float32)})
+    eager_labels, _ = _eager(model, image)
+    np.testing.assert_array_equal(labels, eager_labels)
+
+
+def test_label_output_requests_are_checked() -> None:
+    with pytest.raises(ConfigError, match='unknown label dtype'):
+        DeployModel(_rescaled_swiftnet(), 'DH', label_dtype='int64')
+    with pytest.raises(ConfigError, match='--score-resolution stride4'):
+        DeployModel(_rescaled_swiftnet(), 'DH', label_resolution='stride4')
+    with pytest.raises(ConfigError, match='forward_features'):
+        DeployModel(tiny_segmenter(), 'segmentation', label_resolution='stride4')
+    # The segmentation-only graph (bench) takes stride-4 labels without a score resolution.
+    seg = DeployModel(_rescaled_swiftnet(), 'segmentation', label_resolution='stride4')
+    with torch.no_grad():
+        labels, score = seg(torch.zeros(1, 3, 64, 96))
+    assert labels.shape == score.shape == (1, 64, 96) and not score.any()
+
+
 def _refuse(*args: object) -> None:
     raise AssertionError('an ONNX-only export must not touch the .pt2 path')
 

@@ -251,6 +251,21 @@ def test_resume_refuses_a_changed_config(data, stage1, tmp_path):
         train(cfg, tmp_path, resume=str(stage1[0]), progress=False)
 
 
+def test_resume_with_more_epochs_continues_on_the_stretched_cosine(data, tmp_path):
+    """A finished 1-epoch run (2 steps) resumed with train.epochs=2 trains steps 3 and 4 with
+    the learning rates of a 4-step cosine, not of the 2-step one it was started with."""
+    first = train(_config('closed_set', data, 'train.epochs=1'), tmp_path, progress=False)
+    assert first['steps'] == 2
+    cfg = _config('closed_set', data, 'train.epochs=2')
+    summary = train(cfg, tmp_path, resume='auto', progress=False)
+    assert summary['steps'] == 4 and summary['start_step'] == 2
+    state = ckpt_io.load_checkpoint(summary['final_checkpoint'])
+    base = cfg.optim.lr
+    expected = base * cosine_factor(4, 4, base, cfg.optim.lr_min)
+    assert state['optimizers']['segmenter']['param_groups'][-1]['lr'] == pytest.approx(expected)
+    assert [r['total_steps'] for r in _records(tmp_path, 'start')] == [2, 4]
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(data, tmp_path):
     cfg = _config('closed_set', data, 'train.max_steps=1')
     summary = train(cfg, tmp_path, resume='auto', progress=False)
