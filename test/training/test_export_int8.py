@@ -245,6 +245,18 @@ def test_float_tail_of_the_tiny_graph(tmp_path: Path, tiny_network: None) -> Non
     assert not (tmp_path / 'tiny-int8.json').exists()
 
 
+def test_int8_keeps_uint8_labels(tmp_path: Path, tiny_network: None) -> None:
+    labelled_folder(tmp_path / 'cal')
+    export(tmp_path, '--int8', '--int8-frames', '6', '--label-dtype', 'uint8')
+    fp32, int8 = (read_sidecar(tmp_path / name) for name in ('tiny.json', 'tiny-int8.json'))
+    assert fp32.labels.dtype == int8.labels.dtype == 'uint8'
+    frames = road_like_images(1, *SIZE, seed=1)
+    wide = backends.load(fp32, 'onnxruntime', 'cpu')(frames)
+    narrow = backends.load(int8, 'onnxruntime', 'cpu')(frames)
+    assert wide.labels.dtype == narrow.labels.dtype == np.uint8
+    assert np.mean(wide.labels == narrow.labels) > 0.9
+
+
 def test_split_frames_holds_out_evenly_spread_frames() -> None:
     frames = np.arange(12, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     calibrate, check = quantize.split_frames(frames, 8)
