@@ -106,8 +106,7 @@ class DeployModel(nn.Module):
         stride4 = self.label_resolution == 'stride4'
         if self.score_name == SEGMENTATION:
             if stride4:
-                segmenter = self.segmenter
-                logits = segmenter.forward_heads(segmenter.forward_features(image))['logits']
+                logits = stride4_heads(self.segmenter, image)['logits']
             else:
                 logits = self.segmenter(image)['logits']  # [N, K, H, W]
             score = torch.zeros_like(image[:, 0], dtype=torch.float32)
@@ -148,7 +147,7 @@ def segmenter_scores(segmenter: nn.Module, image: torch.Tensor, names: Sequence[
         heads = segmenter(image)
         logits = heads['logits']
     else:
-        heads = segmenter.forward_heads(segmenter.forward_features(image))  # stride 4
+        heads = stride4_heads(segmenter, image)
         logits = heads['logits']
         if upsample_logits:
             logits = F.interpolate(logits, size=tuple(size), mode='bilinear',
@@ -169,6 +168,12 @@ def segmenter_scores(segmenter: nn.Module, image: torch.Tensor, names: Sequence[
 
 
 _TORCH_LABEL_DTYPES = {'int32': torch.int32, 'uint8': torch.uint8}
+
+
+def stride4_heads(segmenter: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A SwiftNet's heads on the decoder's stride-4 features, not upsampled:
+    'logits' `[N, K, H/4, W/4]` (and 'outlier_logits' with an outlier head)."""
+    return segmenter.forward_heads(segmenter.forward_features(image))
 
 
 def _check_label_output(segmenter: nn.Module, score_name: str, score_resolution: str,
