@@ -43,6 +43,8 @@ SCORE_RESOLUTIONS = ('input', 'stride4')
 # a GPU; needs fewer than 256 classes); the score is float32 (LabelOutput, Sidecar.outputs).
 LABEL_DTYPES = ('int32', 'uint8')
 SCORE_DTYPE = 'float32'
+# How letterbox bars are filled (InputSpec.pad_mode; anomaly_seg_node.imaging says why).
+PAD_MODES = ('reflect', 'constant')
 # What the .onnx graph computes in: float32 throughout, or int8 QDQ (Sidecar.precision).
 MODEL_PRECISIONS = ('fp32', 'int8')
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
@@ -100,6 +102,9 @@ class InputSpec:
     # The colour of letterbox bars (anomaly_seg_node.imaging): what the model saw as padding
     # in training. None: not recorded (older sidecars); see Sidecar.pad_rgb.
     pad_rgb: tuple[int, int, int] | None = None
+    # How the bars are filled: 'reflect' (the picture mirrored) or 'constant' (pad_rgb); older
+    # sidecars, which do not say, were calibrated with 'constant'.
+    pad_mode: str = 'constant'
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,11 @@ class Sidecar:
         if isinstance(fill, list) and _is_rgb(fill):
             return (fill[0], fill[1], fill[2])
         return (0, 0, 0)
+
+    @property
+    def pad_mode(self) -> str:
+        """Letterbox fill mode (anomaly_seg_node.imaging.PAD_MODES): `input.pad_mode`."""
+        return self.input.pad_mode
 
     @property
     def outputs(self) -> dict[str, dict[str, Any]]:
@@ -352,7 +362,8 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         height=check.positive_int(input_doc, 'height', 'input.'),
         width=check.positive_int(input_doc, 'width', 'input.'),
         batch=check.positive_int(input_doc, 'batch', 'input.'),
-        pad_rgb=None if pad_rgb is None else (pad_rgb[0], pad_rgb[1], pad_rgb[2]))
+        pad_rgb=None if pad_rgb is None else (pad_rgb[0], pad_rgb[1], pad_rgb[2]),
+        pad_mode=check.choice(input_doc, 'pad_mode', PAD_MODES, 'input.', default='constant'))
 
     outputs = check.get(document, 'outputs', Mapping)
     labels_out = LabelOutput()

@@ -377,12 +377,12 @@ class CalibrationSource:
                 'put camera frames there, or use --synthetic N')
         return files
 
-    def load(self, height: int, width: int, pad_rgb: tuple[int, int, int] = (0, 0, 0)
-             ) -> tuple[np.ndarray, str]:
+    def load(self, height: int, width: int, pad_rgb: tuple[int, int, int] = (0, 0, 0),
+             pad_mode: str = 'constant') -> tuple[np.ndarray, str]:
         """uint8 RGB `[M, height, width, 3]` and a description of where they came from.
 
         Folder images are fitted as the node fits camera frames by default (letterbox, the bars
-        filled with `pad_rgb`, the sidecar's).
+        filled by `pad_mode` and `pad_rgb`, the sidecar's).
         """
         files = self.files()
         if self.folder is None:
@@ -393,14 +393,15 @@ class CalibrationSource:
         import cv2
 
         used = files[:MAX_CALIBRATION_IMAGES]
-        images = np.stack([_read_rgb(cv2, path, height, width, pad_rgb) for path in used])
+        images = np.stack([_read_rgb(cv2, path, height, width, pad_rgb, pad_mode)
+                           for path in used])
         note = '' if len(used) == len(files) else \
             f' (the first {len(used)} of {len(files)} by name)'
         return images, f'{len(used)} images of {self.folder}{note}'
 
 
 def _read_rgb(cv2: Any, path: Path, height: int, width: int,
-              pad_rgb: tuple[int, int, int]) -> np.ndarray:
+              pad_rgb: tuple[int, int, int], pad_mode: str) -> np.ndarray:
     from anomaly_seg_node import imaging
 
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -408,7 +409,7 @@ def _read_rgb(cv2: Any, path: Path, height: int, width: int,
         raise DataError(f'calibration image {path} cannot be decoded; remove or convert it')
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     fit = imaging.plan_fit(rgb.shape[:2], (height, width), imaging.DEFAULT_RESIZE_MODE)
-    return imaging.fit_image(rgb, fit, pad_rgb)
+    return imaging.fit_image(rgb, fit, pad_rgb, pad_mode)
 
 
 # Build -----------------------------------------------------------------------------------
@@ -494,7 +495,7 @@ def _build(sidecar: Sidecar, precision: str, path: Path, key: dict[str, str],
     log('warning', f'BUILDING A TENSORRT ENGINE ({precision}) of {pt2.name} at {height}x{width} '
                    f'for {key["gpu"]}: this may take several minutes; do not interrupt it. '
                    f'It is cached in {path.parent} and reused afterwards.')
-    images, source = calibration.load(height, width, sidecar.pad_rgb)
+    images, source = calibration.load(height, width, sidecar.pad_rgb, sidecar.pad_mode)
     program = torch.export.load(str(pt2))
     reference = run_module(program.module(), images, batch, 'cpu')
     options = compile_options(precision, torch.float16)

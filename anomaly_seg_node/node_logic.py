@@ -333,6 +333,7 @@ class NodeCore:
                 crop=config.crop, output_resolution=config.output_resolution,
                 threshold=threshold, overlay_alpha=config.overlay_alpha,
                 resize_mode=config.resize_mode, pad_rgb=sidecar.pad_rgb,
+                pad_mode=sidecar.pad_mode,
                 on_warning=self._on_pipeline_warning)
             warm_ms = self._warm_up(self.pipeline, config.crop)
         except Exception as error:

@@ -105,7 +105,8 @@ class FramePipeline:
     ``crop`` = pixels cut from the (top, bottom, left, right) edges, e.g. (0, 120, 0, 0) removes
     a bonnet in the bottom 120 rows. ``palette[i]`` is the RGB colour of class ``i``.
     ``resize_mode`` fits the cropped frame to the segmenter's input (``imaging.RESIZE_MODES``),
-    ``pad_rgb`` fills letterbox bars (the sidecar's ``pad_rgb``). ``on_warning`` is called once
+    letterbox bars are filled by ``pad_mode`` ('reflect': the picture mirrored; 'constant':
+    ``pad_rgb``), the sidecar's. ``on_warning`` is called once
     per cropped frame size whose aspect ratio differs from the segmenter's by more than
     ``imaging.ASPECT_TOLERANCE``, with a message saying what the mode does and how to change it.
     """
@@ -117,6 +118,7 @@ class FramePipeline:
                  anomaly_color: Sequence[int] = (0, 255, 255),
                  resize_mode: str = imaging.DEFAULT_RESIZE_MODE,
                  pad_rgb: Sequence[int] = (0, 0, 0),
+                 pad_mode: str = imaging.DEFAULT_PAD_MODE,
                  on_warning: Callable[[str], None] | None = None) -> None:
         size = tuple(int(v) for v in segmenter.input_size)
         if len(size) != 2 or min(size) < 1:
@@ -146,6 +148,7 @@ class FramePipeline:
         self.resize_mode = imaging.check_resize_mode(resize_mode)
         pad = _rgb(pad_rgb, 'pad_rgb')
         self.pad_rgb: tuple[int, int, int] = (int(pad[0]), int(pad[1]), int(pad[2]))
+        self.pad_mode = imaging.check_pad_mode(pad_mode)
         self.on_warning = on_warning
         self.threshold = threshold
         self.overlay_alpha = overlay_alpha
@@ -242,7 +245,7 @@ class FramePipeline:
                 f'{full_h} x {full_w} frame; reduce the crop')
         cropped = frame[top:full_h - bottom, left:full_w - right]
         fit, seen = self._plan((crop_h, crop_w))
-        net_frame = imaging.fit_image(cropped, fit, self.pad_rgb)
+        net_frame = imaging.fit_image(cropped, fit, self.pad_rgb, self.pad_mode)
         clock.lap('resize')
         return PreparedFrame(frame=frame, net_frame=net_frame, want=frozenset(want), fit=fit,
                              seen=seen, alpha=alpha, result=result, clock=clock)
@@ -290,6 +293,9 @@ class FramePipeline:
                 if scores32 is not None:
                     scores32 = np.where(seen, scores32, np.float32(np.nan))
             base = prepared.net_frame
+            if seen is not None and self.pad_mode == 'reflect' and 'overlay' in want:
+                # Bars drawn flat: a mirror image there would look like scene without outputs.
+                base = np.where(seen[..., None], base, np.asarray(self.pad_rgb, np.uint8))
         clock.lap('upsample')
 
         anomaly: np.ndarray | None = None

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     pipeline = FramePipeline(segmenter, sidecar.classes, sidecar.palette, sidecar.void_id,
                              threshold=threshold, resize_mode=resize_mode,
-                             pad_rgb=sidecar.pad_rgb, on_warning=warn)
+                             pad_rgb=sidecar.pad_rgb, pad_mode=sidecar.pad_mode,
+                             on_warning=warn)
     sinks: dict[str, Any] = {}
     want = ['semantic_mask', 'anomaly_score', 'anomaly_mask']
     if args.video:
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'backend_reason': getattr(segmenter, 'reason', ''),
         'threshold': threshold, 'threshold_source': threshold_source,
         'threshold_name': _threshold_name(sidecar, args.threshold),
-        'resize_mode': resize_mode, 'pad_rgb': list(sidecar.pad_rgb),
+        'resize_mode': resize_mode, 'pad_mode': sidecar.pad_mode,
+        'pad_rgb': list(sidecar.pad_rgb),
     }
     bar = tqdm(desc='replay', unit='frame', disable=args.no_progress)
 
@@ -316,7 +318,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               f'{art.get("score")}, input {art.get("input_size")}), backend '
               f'{art.get("backend")} on {art.get("device")} {art.get("precision")}',
               f'- threshold: {_fmt(art.get("threshold"))} ({art.get("threshold_source")})',
-              f'- resize mode: {art.get("resize_mode", "letterbox")}',
+              f'- resize mode: {art.get("resize_mode", "letterbox")} (bars: '
+              f'{art.get("pad_mode", "constant")})',
               f'- mode: {report["mode"]}',
               f'- frames: {frames["read"]} read, {frames["processed"]} processed, '
               f'{frames["dropped"]} dropped, {frames["rejected"]} rejected; '

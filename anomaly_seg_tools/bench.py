@@ -592,7 +592,7 @@ def frame_stages(segmenter: Any, frame_size: tuple[int, int], encoding: str, war
         'artifact_size': {'ms': [], 'flagged': [], 'objects': []}}
     pipeline = FramePipeline(timed_segmenter, sidecar.classes, sidecar.palette,
                              sidecar.void_id, output_resolution='input', threshold=threshold,
-                             pad_rgb=sidecar.pad_rgb)
+                             pad_rgb=sidecar.pad_rgb, pad_mode=sidecar.pad_mode)
     height, width = frame_size
     rgb = synthetic_frame(height, width, seed=1)
     message = encode_image(rgb if encoding == 'rgb8' else np.ascontiguousarray(rgb[..., ::-1]),

@@ -114,7 +114,8 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                       ade_root: str | Path | None = None, ade_crop: int = 384,
                       labelled_root: str | Path | None = None, max_images: int = 50,
                       parity_images: int = 2, seed: int = 0,
-                      pad_rgb: Sequence[int] = (0, 0, 0), progress: bool = True,
+                      pad_rgb: Sequence[int] = (0, 0, 0), pad_mode: str = 'constant',
+                      progress: bool = True,
                       frames: int = 0) -> Calibration:
     """tpr95 on labelled anomalies (pasted negatives on val, or a labelled set), fpr1/fpr0.1
     on normal pixels; the default threshold is fpr1.
@@ -124,7 +125,8 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
     StreetHazards-layout folder (its test split's anomalies give tpr95, its validation split,
     else the test split's inliers, fpr). Without it, `val_root`'s validation split (of
     `dataset`) gives both, with negatives from `ade_root` pasted for tpr95. Images are fitted
-    to the artifact size as the node fits camera frames (letterbox bars in `pad_rgb`).
+    to the artifact size as the node fits camera frames (letterbox bars filled by `pad_mode`:
+    mirrored, or `pad_rgb`).
     `frames`: keep that many of the frames scored for tpr95 (the labelled frames, or the
     validation frames with a negative pasted), evenly spread over them, in `Calibration.frames`.
     """
@@ -137,10 +139,10 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
     tpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
     fpr_pools = {s: PooledOOD(bits=POOL_BITS) for s in score_maps.scores}
     info: dict[str, Any] = {'size': list(size), 'max_images': max_images,
-                            'resize_mode': 'letterbox'}
+                            'resize_mode': 'letterbox', 'pad_mode': pad_mode}
     kept: list[np.ndarray] = []
     kept_frames: list[np.ndarray] = []
-    fit = _Fitter(size, tuple(pad_rgb))
+    fit = _Fitter(size, tuple(pad_rgb), imaging.check_pad_mode(pad_mode))
 
     if labelled_root is not None:
         test, fpr_split, what = _labelled_sets(labelled_root, mapping)
@@ -221,14 +223,15 @@ def _spread(count: int, wanted: int) -> set[int]:
 class _Fitter:
     """Images and label maps fitted to the artifact size by the node's rule (letterbox)."""
 
-    def __init__(self, size: tuple[int, int], pad_rgb: tuple[int, ...]) -> None:
+    def __init__(self, size: tuple[int, int], pad_rgb: tuple[int, ...], pad_mode: str) -> None:
         self.size = size
         self.pad_rgb = (int(pad_rgb[0]), int(pad_rgb[1]), int(pad_rgb[2]))
+        self.pad_mode = pad_mode
 
     def __call__(self, image: np.ndarray, labels: np.ndarray, fill: int
                  ) -> tuple[np.ndarray, np.ndarray]:
         fit = imaging.plan_fit(image.shape[:2], self.size, 'letterbox')
-        return (imaging.fit_image(image, fit, self.pad_rgb),
+        return (imaging.fit_image(image, fit, self.pad_rgb, self.pad_mode),
                 imaging.fit_labels(labels, fit, fill))
 
 

@@ -159,7 +159,7 @@ def artifact_predictor(path: str | os.PathLike, scores: Sequence[str], device: s
 
     def predict(image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         fit = imaging.plan_fit(image.shape[:2], net_hw, resize_mode)
-        result = seg(imaging.fit_image(image, fit, sidecar.pad_rgb))
+        result = seg(imaging.fit_image(image, fit, sidecar.pad_rgb, sidecar.pad_mode))
         labels = imaging.unfit(result.labels[0].astype(np.int32), fit, 'nearest', 0)
         score = imaging.unfit(result.anomaly_score[0].astype(np.float32), fit, 'linear', 0.0)
         return labels.astype(np.int64), {name: score}

@@ -79,7 +79,7 @@ def test_round_trip(artifact: Path) -> None:
     assert document['schema_version'] == 1
     assert document['input'] == {'height': 8, 'width': 12, 'batch': 2, 'name': 'image',
                                  'dtype': 'float32', 'layout': 'NCHW', 'channels': 'RGB',
-                                 'range': [0, 255]}
+                                 'range': [0, 255], 'pad_mode': 'constant'}
     assert document['score']['higher_is_more_anomalous'] is True
     assert document['outputs']['anomaly_score'] == {'dtype': 'float32', 'shape': [2, 8, 12]}
     # Writing what was read gives the same bytes.
@@ -162,6 +162,7 @@ ILL_TYPED = [
     ('input.layout', 'NHWC', "'NCHW'"),
     ('input.channels', 'BGR', "'RGB'"),
     ('input.range', [0, 1], r'\[0, 255\]'),
+    ('input.pad_mode', 'wrap', r"one of \['reflect', 'constant'\]"),
     ('outputs.labels.dtype', 'int64', r"one of \['int32', 'uint8'\]"),
     ('outputs.labels.resolution', 'stride8', r"one of \['input', 'stride4'\]"),
     ('outputs.anomaly_score.dtype', 'float16', "'float32'"),
@@ -325,6 +326,19 @@ def test_label_output_round_trips_and_defaults_to_int32_at_input(artifact: Path)
     assert _document(path)['outputs']['labels'] == {'dtype': 'uint8', 'shape': [2, 8, 12],
                                                     'resolution': 'stride4'}
     assert read_sidecar(path).labels == LabelOutput('uint8', 'stride4')
+
+
+def test_pad_mode_round_trips_and_defaults_to_constant(artifact: Path) -> None:
+    document = _document(artifact)
+    assert document['input']['pad_mode'] == 'constant'
+    del document['input']['pad_mode']  # sidecars written before the field: a flat fill
+    _rewrite(artifact, document)
+    assert read_sidecar(artifact).pad_mode == 'constant'
+    mirrored = dataclasses.replace(_sidecar(), input=dataclasses.replace(
+        _sidecar().input, pad_mode='reflect'))
+    path = write_sidecar(mirrored, artifact)
+    assert _document(path)['input']['pad_mode'] == 'reflect'
+    assert read_sidecar(path).pad_mode == 'reflect'
 
 
 def test_document_is_not_mutated_by_reading(artifact: Path) -> None:

@@ -151,6 +151,27 @@ def test_fit_image_letterbox_pads_with_the_given_colour():
     np.testing.assert_array_equal(cut, ramp[60:420])
 
 
+@pytest.mark.parametrize(('src', 'net'), [(CAMERA, NET), ((200, 100), (60, 60)),
+                                          ((3, 2), (20, 90)), ((30, 200), (100, 100))])
+def test_fit_image_reflect_mirrors_the_picture_into_the_bars(src, net):
+    # Known answer: numpy's 'reflect' pad (the edge row or column is not repeated), also where
+    # a bar is wider than the picture (mirrored back and forth).
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (*src, 3), dtype=np.uint8)
+    fit = plan_fit(src, net)
+    top, left, bh, bw = fit.net_box
+    content = fit_image(frame, fit, PAD)[top:top + bh, left:left + bw]
+    expected = np.pad(content, ((top, net[0] - top - bh), (left, net[1] - left - bw), (0, 0)),
+                      mode='reflect')
+    np.testing.assert_array_equal(fit_image(frame, fit, PAD, 'reflect'), expected)
+    # Without bars the mode changes nothing.
+    same = plan_fit(net, net)
+    assert fit_image(frame[:1, :1].repeat(net[0], 0).repeat(net[1], 1), same, PAD,
+                     'reflect').shape == (*net, 3)
+    with pytest.raises(ConfigError, match="pad_mode must be one of reflect, constant, got 'wrap'"):
+        fit_image(frame, fit, PAD, 'wrap')
+
+
 def test_fit_labels_fills_the_bars():
     labels = np.full(CAMERA, 3, np.uint8)
     fitted = fit_labels(labels, plan_fit(CAMERA, NET), fill=255)

@@ -291,6 +291,26 @@ def test_a_4_3_frame_is_letterboxed_and_its_square_stays_square():
         assert words in warnings[0], words
 
 
+def test_reflect_bars_mirror_the_picture_and_are_dropped_on_the_way_back():
+    # The square touches the frame's left edge: reflect padding mirrors it into the left bar,
+    # where the model sees (and labels) a second square; only the real one comes back.
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[192:292, 0:100] = 255
+    pipe, seg, warnings = square_pipeline(pad_mode='reflect', pad_rgb=(10, 20, 30))
+    res = pipe.process(image)
+    seen = seg.frames[0]
+    np.testing.assert_array_equal(seen[:, :80], seen[:, 160:80:-1])  # mirrored, edge not doubled
+    assert (seen[144:219, 6:80, 0] > 127).all() and (seen[:, :6] == 0).all()
+    # The segmenter grows bright areas by 10 network pixels (13.3 frame pixels) a side; the
+    # left growth fell into the bar with the mirror image, and the bar is dropped.
+    top, left, height, width = box(res.semantic_mask == 1)
+    assert left == 0 and abs(top - 179) <= 1 and abs(height - 127) <= 1
+    assert abs(width - 113) <= 1
+    assert res.semantic_mask.shape == (480, 640) and len(warnings) == 1
+    with pytest.raises(ConfigError, match='pad_mode must be one of'):
+        square_pipeline(pad_mode='mirror')
+
+
 def test_stretch_distorts_the_square():
     # What the old rule did, now only on request: the square comes back 126 high, 120 wide.
     pipe, seg, warnings = square_pipeline(resize_mode='stretch')
@@ -343,6 +363,16 @@ def test_network_resolution_marks_the_bars_void_and_nan():
     assert (res.semantic_mask[:, 80:560] != 255).all()
     assert not np.isnan(res.anomaly_score[:, 80:560]).any()
     assert box(res.semantic_mask == 1) == (134, 274, 95, 95)
+    # Mirrored bars are what the model saw, but the overlay shows them flat in the pad colour.
+    mirrored, seg, _ = square_pipeline(output_resolution='network', pad_rgb=(10, 20, 30),
+                                       pad_mode='reflect')
+    image = square_frame()
+    image[:, :40] = 90  # a stripe at the left edge, mirrored into the left bar
+    res = mirrored.process(image)
+    assert (seg.frames[0][:, 51:80] == 90).all()
+    for cols in (slice(0, 80), slice(560, 640)):
+        assert (res.overlay[:, cols] == (10, 20, 30)).all()
+    np.testing.assert_array_equal(res.semantic_mask, pipe.process(image).semantic_mask)
 
 
 K = [500.0, 0.0, 320.0, 0.0, 510.0, 240.0, 0.0, 0.0, 1.0]

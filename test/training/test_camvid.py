@@ -166,6 +166,15 @@ def test_trains_exports_thresholds_and_evaluates_on_camvid(camvid: Path,
     assert (result.parity_images[:, :, :16] == (105, 108, 110)).all()
     thresholds = result.thresholds['DH']
     assert thresholds['tpr95'] <= thresholds['fpr1'] <= thresholds['fpr0.1']
+    # pad_mode 'reflect' (export's default): the bars mirror the picture, the info says so
+    mirrored = calibration.calibrate_on_data(
+        maps, (48, 96), val_root=None, mapping='densehybrid12', dataset='camvid',
+        labelled_root=tmp_path / 'val_pasted', pad_mode='reflect', progress=False)
+    assert mirrored.info['pad_mode'] == 'reflect' and result.info['pad_mode'] == 'constant'
+    np.testing.assert_array_equal(mirrored.parity_images[:, :, 16:32],
+                                  result.parity_images[:, :, 16:32])
+    np.testing.assert_array_equal(mirrored.parity_images[:, :, :16],
+                                  mirrored.parity_images[:, :, 32:16:-1])
 
 
 def _oracle(root: Path, split: str, bump: float = 0.0):

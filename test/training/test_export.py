@@ -80,12 +80,14 @@ def test_export_writes_a_checked_artifact(tmp_path: Path, size: tuple[int, int],
     thresholds = {'tpr95': -3.0, 'fpr1': -2.0, 'fpr0.1': -1.5}
     sidecar = export_artifact(model, tmp_path / 'tiny', size=size, batch=batch,
                               thresholds=thresholds, metadata={'method': 'DenseHybrid',
-                                                               'training': {'lr': 1e-5}})
+                                                               'training': {'lr': 1e-5},
+                                                               'pad_mode': 'reflect'})
     assert sorted(p.name for p in tmp_path.iterdir()) == ['tiny.json', 'tiny.onnx', 'tiny.pt2']
     assert read_sidecar(tmp_path / 'tiny.json') == sidecar
     assert sidecar.source == str((tmp_path / 'tiny.json').resolve())
     assert sidecar.input_size == size and sidecar.input.batch == batch
     assert sidecar.method == 'DenseHybrid' and sidecar.training == {'lr': 1e-5}
+    assert sidecar.pad_mode == 'reflect'
     assert (sidecar.score.name, sidecar.score.units, sidecar.score.temperature) == \
         ('DH', 'nats', None)
     assert list(sidecar.classes) == class_names('densehybrid12')
@@ -221,6 +223,8 @@ def test_bad_requests_are_refused(tmp_path: Path) -> None:
                         metadata={'default_threshold': 'fpr1'})
     with pytest.raises(ConfigError, match='unknown export metadata keys'):
         export_artifact(model, tmp_path / 'x', size=(64, 96), metadata={'colour': 1})
+    with pytest.raises(ConfigError, match='pad_mode must be one of reflect, constant'):
+        export_artifact(model, tmp_path / 'x', size=(64, 96), metadata={'pad_mode': 'edge'})
     with pytest.raises(ConfigError, match='plain JSON values'):
         export_artifact(model, tmp_path / 'x', size=(64, 96),
                         metadata={'training': {'lr': {1, 2}}})

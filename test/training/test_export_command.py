@@ -204,10 +204,12 @@ def test_checkpoint_export_calibrates_on_a_labelled_split(tmp_path: Path,
     assert report['calibration'] == 'labelled split' and 'notes' not in report
     assert set(thresholds) == {'tpr95', 'fpr1', 'fpr0.1'}
     assert metadata['default_threshold'] == 'fpr1' and metadata['method'] == 'densehybrid'
+    assert metadata['pad_mode'] == 'reflect'  # the default; same aspect here, so no bars
     training = metadata['training']
     assert training['step'] == 7 and training['untrained'] is False
     assert training['config']['data']['root'] == str(tmp_path / 'no_data_here')
     assert training['calibration']['images'] == {'tpr95': 2, 'fpr': 2}
+    assert training['calibration']['pad_mode'] == 'reflect'
 
     def at_size(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (cv2.resize(image, size[::-1], interpolation=cv2.INTER_AREA),
