@@ -15,7 +15,8 @@
 #      100 epochs = 4500 steps, the cosine stretched over the new total: a warm restart)
 #   -> METHOD (default densehybrid) fine-tuning with the negatives pasted, FINETUNE_EPOCHS
 #      (default 22: 990 steps), seed SEED (default 0)
-#   -> export DH (score at stride 4) at 360x640 (16:9; CamVid's 4:3 frames are letterboxed),
+#   -> export DH (score at stride 4) at 360x640 (16:9; CamVid's 4:3 frames are letterboxed, the
+#      bars mirroring the picture: export's default --pad-mode reflect),
 #      ONNX only (47 MB), thresholds calibrated on CamVid val with pasted anomalies (default
 #      fpr1); export MSP of the same checkpoint (not committed)
 #   -> evaluation on CamVid test: pasted anomalies (DH, MSP and the centre prior), plain frames
