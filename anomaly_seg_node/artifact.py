@@ -45,6 +45,8 @@ LABEL_DTYPES = ('int32', 'uint8')
 SCORE_DTYPE = 'float32'
 # How letterbox bars are filled (InputSpec.pad_mode; anomaly_seg_node.imaging says why).
 PAD_MODES = ('reflect', 'constant')
+# What a sidecar without input.pad_mode means: the flat fill every earlier export used.
+DEFAULT_PAD_MODE = 'constant'
 # What the .onnx graph computes in: float32 throughout, or int8 QDQ (Sidecar.precision).
 MODEL_PRECISIONS = ('fp32', 'int8')
 _FIX = 're-export with anomaly-seg export or fetch the matching files'
@@ -104,7 +106,7 @@ class InputSpec:
     pad_rgb: tuple[int, int, int] | None = None
     # How the bars are filled: 'reflect' (the picture mirrored) or 'constant' (pad_rgb); older
     # sidecars, which do not say, were calibrated with 'constant'.
-    pad_mode: str = 'constant'
+    pad_mode: str = DEFAULT_PAD_MODE
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,8 @@ def sidecar_from_dict(document: Any, where: str = 'sidecar') -> Sidecar:
         width=check.positive_int(input_doc, 'width', 'input.'),
         batch=check.positive_int(input_doc, 'batch', 'input.'),
         pad_rgb=None if pad_rgb is None else (pad_rgb[0], pad_rgb[1], pad_rgb[2]),
-        pad_mode=check.choice(input_doc, 'pad_mode', PAD_MODES, 'input.', default='constant'))
+        pad_mode=check.choice(input_doc, 'pad_mode', PAD_MODES, 'input.',
+                              default=DEFAULT_PAD_MODE))
 
     outputs = check.get(document, 'outputs', Mapping)
     labels_out = LabelOutput()

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from anomaly_seg_node.artifact import (
+    DEFAULT_PAD_MODE,
     Sidecar,
     atomic_write_bytes,
     read_sidecar,
@@ -378,7 +379,7 @@ class CalibrationSource:
         return files
 
     def load(self, height: int, width: int, pad_rgb: tuple[int, int, int] = (0, 0, 0),
-             pad_mode: str = 'constant') -> tuple[np.ndarray, str]:
+             pad_mode: str = DEFAULT_PAD_MODE) -> tuple[np.ndarray, str]:
         """uint8 RGB `[M, height, width, 3]` and a description of where they came from.
 
         Folder images are fitted as the node fits camera frames by default (letterbox, the bars

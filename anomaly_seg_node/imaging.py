@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from anomaly_seg_node.artifact import PAD_MODES
+from anomaly_seg_node.artifact import DEFAULT_PAD_MODE, PAD_MODES
 from anomaly_seg_node.errors import ConfigError
 
 RESIZE_MODES = ('letterbox', 'crop_center', 'stretch')
@@ -32,8 +32,8 @@ ASPECT_TOLERANCE = 0.05
 # (OpenCV's BORDER_REFLECT_101): the network's pooled context (SwiftNet's SPP) then sees
 # road-scene statistics instead of a flat block: closed mIoU of the 16:9 demo artifact on CamVid's
 # 4:3 frames 59.5 -> 62.1 on val, 48.1 -> 49.9 on test. 'constant' fills with one colour
-# (pad_rgb); artifacts exported before the sidecar named a mode were calibrated that way.
-DEFAULT_PAD_MODE = 'constant'
+# (pad_rgb), DEFAULT_PAD_MODE: artifacts exported before the sidecar named a mode were
+# calibrated that way.
 INTERPOLATIONS = {'nearest': cv2.INTER_NEAREST_EXACT, 'linear': cv2.INTER_LINEAR}
 
 Box = tuple[int, int, int, int]  # top, left, height, width

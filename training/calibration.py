@@ -114,7 +114,7 @@ def calibrate_on_data(score_maps: ScoreMaps, size: tuple[int, int], *,
                       ade_root: str | Path | None = None, ade_crop: int = 384,
                       labelled_root: str | Path | None = None, max_images: int = 50,
                       parity_images: int = 2, seed: int = 0,
-                      pad_rgb: Sequence[int] = (0, 0, 0), pad_mode: str = 'constant',
+                      pad_rgb: Sequence[int] = (0, 0, 0), pad_mode: str = imaging.DEFAULT_PAD_MODE,
                       progress: bool = True,
                       frames: int = 0) -> Calibration:
     """tpr95 on labelled anomalies (pasted negatives on val, or a labelled set), fpr1/fpr0.1

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from anomaly_seg_node import imaging
 from anomaly_seg_node import labels as label_ids
 from anomaly_seg_node.artifact import (
     LABEL_DTYPES,
     MODEL_FILE_KINDS,
-    PAD_MODES,
     REQUIRED_FILE_KINDS,
     SCORE_RESOLUTIONS,
     FileRef,
@@ -275,7 +275,8 @@ def export_artifact(model: DeployModel, out_stem: str | os.PathLike,
         labels=LabelOutput(dtype=model.label_dtype, resolution=model.label_resolution),
         input=InputSpec(height=height, width=width, batch=batch,
                         pad_rgb=_pad_rgb(metadata.get('pad_rgb')),
-                        pad_mode=_pad_mode(metadata.get('pad_mode', 'constant'))),
+                        pad_mode=imaging.check_pad_mode(
+                            metadata.get('pad_mode', imaging.DEFAULT_PAD_MODE))),
         classes=tuple(classes),
         palette=tuple(tuple(rgb) for rgb in palette),
         files={kind: FileRef(f'{name}.{kind}', '0' * 64) for kind in formats},
@@ -491,12 +492,6 @@ def _pad_rgb(value: Any) -> tuple[int, int, int] | None:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise ConfigError(f'pad_rgb must be three values in 0..255, found {value!r}')
     return (rgb[0], rgb[1], rgb[2])
-
-
-def _pad_mode(value: Any) -> str:
-    if value not in PAD_MODES:
-        raise ConfigError(f'pad_mode must be one of {", ".join(PAD_MODES)}, found {value!r}')
-    return str(value)
 
 
 def _classes_and_palette(metadata: Mapping[str, Any], num_classes: int
