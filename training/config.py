@@ -52,6 +52,9 @@ class DataConfig:
     flip: bool = True
     mean_fill: tuple[int, int, int] = (84, 88, 95)
     color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - x, 1 + x]
+    # Letterbox training pairs to this (h, w) aspect with mirrored bars, with letterbox_prob.
+    letterbox_hw: tuple[int, int] | None = None
+    letterbox_prob: float = 0.5
     num_workers: int = 4
 
 
@@ -88,6 +91,7 @@ class NegativesConfig:
     step: int = 8
     ade_root: str = 'data/ade20k'
     ade_crop: int = 384
+    ade_scale: tuple[float, float] = (1.0, 1.0)  # shrink range of ADE20k crops; [1, 1] = paper
     paste_val: bool = True  # paste negatives into validation crops for AP/FPR95 monitoring
 
 
@@ -384,10 +388,20 @@ def _check(cfg: Config) -> None:
                           f'{list(cfg.data.jitter)}; the paper uses [0.5, 2.0]')
     if not 0 <= cfg.data.color_jitter < 1:
         raise ConfigError(f'data.color_jitter must lie in [0, 1), found {cfg.data.color_jitter}')
+    if cfg.data.letterbox_hw is not None and min(cfg.data.letterbox_hw) < 1:
+        raise ConfigError(f'data.letterbox_hw must be null or a positive [h, w] (the artifact '
+                          f'size, e.g. [360, 640]), found {list(cfg.data.letterbox_hw)}')
+    if not 0 <= cfg.data.letterbox_prob <= 1:
+        raise ConfigError(f'data.letterbox_prob must lie in [0, 1], found '
+                          f'{cfg.data.letterbox_prob}')
     if not all(0 <= v <= 255 for v in cfg.data.mean_fill):
         raise ConfigError(f'data.mean_fill must be three RGB values in 0..255, found '
                           f'{list(cfg.data.mean_fill)}')
     neg = cfg.negatives
+    lo, hi = neg.ade_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f'negatives.ade_scale must be [min, max] with 0 < min <= max <= 1, '
+                          f'found {list(neg.ade_scale)}; [1.0, 1.0] keeps the full-size crops')
     # The flow squeezes three times: patch sides must be multiples of 8.
     if neg.step % 8 or neg.min_size % 8:
         raise ConfigError(f'negatives.min_size and negatives.step must be multiples of 8 (the '

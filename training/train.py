@@ -226,8 +226,10 @@ class _Data:
     def __init__(self, cfg: Config, info: _Dist, pin: bool) -> None:
         d = cfg.data
         crop = d.crop_size if isinstance(d.crop_size, int) else tuple(d.crop_size)
-        transform = JointTransform(crop, tuple(d.jitter), d.flip, tuple(d.mean_fill),
-                                   color_jitter=d.color_jitter)
+        transform = JointTransform(
+            crop, tuple(d.jitter), d.flip, tuple(d.mean_fill), color_jitter=d.color_jitter,
+            letterbox_hw=None if d.letterbox_hw is None else tuple(d.letterbox_hw),
+            letterbox_prob=d.letterbox_prob)
         self.cfg = cfg
         self.info = info
         self.pin = pin
@@ -248,7 +250,7 @@ class _Data:
         self.negatives = None
         if cfg.negatives_kind == 'ade20k':
             self.negatives = ADE20kNegatives(cfg.negatives.ade_root, cfg.negatives.ade_crop,
-                                             seed=cfg.train.seed)
+                                             seed=cfg.train.seed, scale=cfg.negatives.ade_scale)
 
     def _loader(self, dataset: Any, indices: Sequence[int], stream: int) -> DataLoader:
         # Its own generator: a loader draws its workers' base seed when it starts iterating,
@@ -335,7 +337,7 @@ def _validate_segmenter(cfg: Config, segmenter: nn.Module, flow: nn.Module | Non
     ade = None
     if kind == 'ade20k':
         ade = ADE20kNegatives(cfg.negatives.ade_root, cfg.negatives.ade_crop,
-                              seed=cfg.train.seed + 1)
+                              seed=cfg.train.seed + 1, scale=cfg.negatives.ade_scale)
     pooled = {name: PooledOOD(bits=16) for name in scores} if kind != 'none' else {}
     for i in tqdm(range(len(val)), desc='validate', leave=False, disable=not progress):
         item = val[i]

@@ -102,7 +102,8 @@ def test_overrides_are_parsed_with_the_field_types():
     cfg = load_config(CONFIGS / 'densehybrid.yaml', [
         'optim.lr=1e-4', 'train.batch_size=4', 'data.jitter=[0.75, 1.5]',
         'data.crop_size=[192, 384]', 'train.max_steps=7', 'train.out_dir=123',
-        'model.init_checkpoint=runs/stage1/last.pt', 'eval.scores=[DH, OP]'])
+        'model.init_checkpoint=runs/stage1/last.pt', 'eval.scores=[DH, OP]',
+        'negatives.ade_scale=[0.25, 1]', 'data.letterbox_hw=[360, 640]'])
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.batch_size == 4
     assert cfg.data.jitter == (0.75, 1.5) and cfg.data.crop_size == (192, 384)
@@ -110,6 +111,8 @@ def test_overrides_are_parsed_with_the_field_types():
     assert cfg.train.out_dir == '123'
     assert cfg.model.init_checkpoint == 'runs/stage1/last.pt'
     assert cfg.eval.scores == ('DH', 'OP')
+    assert cfg.negatives.ade_scale == (0.25, 1.0)
+    assert cfg.data.letterbox_hw == (360, 640) and cfg.data.letterbox_prob == 0.5
     assert load_config(CONFIGS / 'densehybrid.yaml', ['train.max_steps=null']).train.max_steps \
         is None
 
@@ -128,6 +131,9 @@ def test_overrides_are_parsed_with_the_field_types():
     ('train.batch_size=0', r'train\.batch_size must be positive'),
     ('negatives.min_size=12', r'multiples of 8'),
     ('data.jitter=[2, 0.5]', r'data\.jitter must be \[min, max\]'),
+    ('data.letterbox_hw=[0, 640]', r'data\.letterbox_hw must be null or a positive'),
+    ('data.letterbox_prob=2', r'data\.letterbox_prob must lie in \[0, 1\]'),
+    ('negatives.ade_scale=[0.5, 2]', r'negatives\.ade_scale must be \[min, max\] with 0 < min'),
     ('model.outlier_head=false', r'set model\.outlier_head=true'),
     ('eval.scores=[DH, XYZ]', r"unknown score 'XYZ'"),
 ])

@@ -12,9 +12,11 @@ from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
 from training.data.ade20k import (
     ADE20kNegatives,
+    check_scale,
     rectangle_sides,
     resize_shorter_side,
     sample_negative_mask,
+    shrink_into_crop,
 )
 from training.data.streethazards import SPLITS, StreetHazards
 from training.data.transforms import (
@@ -22,6 +24,7 @@ from training.data.transforms import (
     EvalTransform,
     JointTransform,
     hflip,
+    letterbox_mirrored,
     scale_crop,
 )
 
@@ -358,6 +361,48 @@ def test_eval_transform() -> None:
             == label).all()
 
 
+def test_letterbox_mirrored_pads_at_the_pairs_own_scale() -> None:
+    rng = np.random.default_rng(11)
+    image, label = random_image(rng, 12, 16), rng.integers(0, 11, (12, 16), dtype=np.uint8)
+    # 4:3 into 16:9 at height 12: width 21 (round(12 * 16 / 9)), bars of 2 and 3 columns.
+    out_image, out_label = letterbox_mirrored(image, label, (360, 640), ignore_id=255)
+    expected = np.pad(image, ((0, 0), (2, 3), (0, 0)), mode='reflect')
+    assert out_image.shape == (12, 21, 3) and (out_image == expected).all()
+    assert (out_label[:, 2:18] == label).all()
+    assert (out_label[:, :2] == 255).all() and (out_label[:, 18:] == 255).all()
+    # A wide pair gets bars above and below; a pair within 5 % of the aspect stays as it is.
+    wide_image, wide_label = letterbox_mirrored(random_image(rng, 9, 32),
+                                                np.zeros((9, 32), np.uint8), (360, 640))
+    assert wide_image.shape == (18, 32, 3) and (wide_label[:4] == IGNORE_ID).all()
+    assert (wide_label[4:13] == 0).all() and (wide_label[13:] == IGNORE_ID).all()
+    near_image, near_label = letterbox_mirrored(image, label, (12, 16))
+    assert near_image is image and near_label is label
+
+
+def test_joint_transform_letterboxes_with_its_probability() -> None:
+    rng = np.random.default_rng(12)
+    image, label = random_image(rng, 24, 32), np.zeros((24, 32), np.uint8)
+    # A crop of exactly the letterboxed frame (24 x 43) at scale 1: the output is the frame with
+    # mirrored bars (columns 5 and 6 of bars), or the picture padded right with mean_fill.
+    mirrored = np.pad(image, ((0, 0), (5, 6), (0, 0)), mode='reflect')
+    padded = np.concatenate([image, np.full((24, 11, 3), (1, 2, 3), np.uint8)], axis=1)
+
+    def transform(prob: float, seed: int) -> np.ndarray:
+        return JointTransform(crop_size=(24, 43), scale_range=(1.0, 1.0), flip=False,
+                              mean_fill=(1, 2, 3), letterbox_hw=(360, 640),
+                              letterbox_prob=prob)(image, label, np.random.default_rng(seed))[0]
+
+    assert all((transform(1.0, k) == mirrored).all() for k in range(3))
+    assert all((transform(0.0, k) == padded).all() for k in range(3))
+    drawn = [(transform(0.5, k) == mirrored).all() for k in range(200)]
+    assert 0.4 < np.mean(drawn) < 0.6
+    # Without letterbox_hw nothing extra is drawn: the random stream of earlier runs.
+    a = JointTransform(crop_size=(10, 14))(image, label, np.random.default_rng(5))
+    b = JointTransform(crop_size=(10, 14), letterbox_prob=1.0)(image, label,
+                                                                np.random.default_rng(5))
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+
+
 def test_transform_config_and_input_errors() -> None:
     with pytest.raises(ConfigError):
         JointTransform(scale_range=(2.0, 0.5))
@@ -367,6 +412,10 @@ def test_transform_config_and_input_errors() -> None:
         JointTransform(mean_fill=(300, 0, 0))
     with pytest.raises(ConfigError):
         JointTransform(interpolation='lanczos9')
+    with pytest.raises(ConfigError, match='letterbox_hw'):
+        JointTransform(letterbox_hw=(0, 640))
+    with pytest.raises(ConfigError, match='letterbox_prob'):
+        JointTransform(letterbox_hw=(360, 640), letterbox_prob=1.5)
     with pytest.raises(DataError, match='label size'):
         JointTransform(crop_size=8)(np.zeros((4, 5, 3), np.uint8), np.zeros((4, 6), np.uint8),
                                     np.random.default_rng(0))
@@ -451,6 +500,59 @@ def test_ade_items_and_determinism(tmp_path: Path) -> None:
         ds.set_epoch(epoch)
         changed += [(ds[i][1] != first[i][1]).any().item() for i in range(3)]
     assert any(changed)
+
+
+def test_shrink_into_crop_known_answer() -> None:
+    crop = 40
+    image = np.full((crop, crop, 3), 200, np.uint8)
+    mask = np.zeros((crop, crop), bool)
+    mask[:20, :] = True  # the top half
+    # Factor exactly 0.5 (lo == hi): a 20x20 copy with its top 10 rows masked, somewhere inside.
+    out_image, out_mask = shrink_into_crop(image, mask, (0.5, 0.5), np.random.default_rng(3))
+    rows, cols = np.flatnonzero(out_image.any((1, 2))), np.flatnonzero(out_image.any((0, 2)))
+    assert rows[-1] - rows[0] + 1 == 20 and cols[-1] - cols[0] + 1 == 20
+    top, left = rows[0], cols[0]
+    assert (out_image[top:top + 20, left:left + 20] == 200).all()
+    assert out_image.sum() == 200 * 3 * 20 * 20  # zero outside the copy
+    expected = np.zeros((crop, crop), bool)
+    expected[top:top + 10, left:left + 20] = True
+    assert (out_mask == expected).all()
+    # The full-size factor returns the crop unchanged.
+    same_image, same_mask = shrink_into_crop(image, mask, (1.0, 1.0), np.random.default_rng(3))
+    assert same_image is image and same_mask is mask
+
+
+def test_shrink_factors_are_log_uniform_in_the_range() -> None:
+    crop = 100
+    image = np.full((crop, crop, 3), 9, np.uint8)
+    mask = np.ones((crop, crop), bool)
+    sides = np.array([np.sqrt(shrink_into_crop(image, mask, (0.25, 1.0),
+                                               np.random.default_rng(k))[1].sum())
+                      for k in range(600)])
+    assert sides.min() >= 25 and sides.max() <= 100
+    # log-uniform: half of the factors fall below the geometric mean 0.5 of 0.25 and 1
+    assert 0.42 < float(np.mean(sides < 50)) < 0.58
+
+
+def test_ade_scale_range_shrinks_items_and_keeps_the_default_stream(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    for k in range(4):
+        write_ade(tmp_path, f'n{k}', random_image(rng, 64, 64), np.zeros((64, 64), np.uint8))
+    full = ADE20kNegatives(tmp_path, crop=64, seed=2)
+    same = ADE20kNegatives(tmp_path, crop=64, seed=2, scale=(1.0, 1.0))
+    small = ADE20kNegatives(tmp_path, crop=64, seed=2, scale=(0.25, 0.5))
+    for i in range(4):
+        assert (full[i][0] == same[i][0]).all() and (full[i][1] == same[i][1]).all()
+        mask = small[i][1]
+        # One id everywhere: 'classes' masks the whole crop, a rectangle at most 56x56.
+        assert 0 < int(mask.sum()) <= 32 * 32
+        assert not (small[i][0][:, ~mask] == full[i][0][:, ~mask]).all()
+
+
+@pytest.mark.parametrize('scale', [(0.0, 1.0), (0.5, 0.4), (0.5, 1.5)])
+def test_ade_scale_range_errors(scale: tuple[float, float]) -> None:
+    with pytest.raises(ConfigError, match=r'scale must be \(min, max\)'):
+        check_scale(scale)
 
 
 def test_ade_errors(tmp_path: Path) -> None:

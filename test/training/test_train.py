@@ -448,6 +448,22 @@ def test_resume_auto_reads_the_stored_config_from_out(stage1):
         config_from_args(parser.parse_args(['--resume', 'auto', '--out', str(run_dir / 'x')]))
 
 
+def test_letterboxed_pairs_and_shrunk_negatives_reach_the_training_data(data, stage1,
+                                                                          tmp_path):
+    from training.train import _Data, _Dist
+    cfg = _config('densehybrid', data, 'train.max_steps=1', f'model.init_checkpoint={stage1[0]}',
+                  'data.letterbox_hw=[360,640]', 'data.letterbox_prob=1',
+                  'negatives.ade_scale=[0.25,0.5]')
+    loaded = _Data(cfg, _Dist(), pin=False)
+    assert loaded.train.transform.letterbox_hw == (360, 640)
+    assert loaded.train.transform.letterbox_prob == 1.0
+    assert loaded.negatives.scale == (0.25, 0.5)
+    # 24-pixel crops shrunk to at most 12 pixels a side.
+    assert all(int(loaded.negatives[i][1].sum()) <= 12 * 12 for i in range(len(loaded.negatives)))
+    summary = train(cfg, tmp_path / 'run', progress=False)
+    assert ckpt_io.load_checkpoint(summary['final_checkpoint'])['step'] == 1
+
+
 def test_command_modules_do_not_import_torch():
     code = ('import sys; import training.train_command, training.evaluate_command; '
             'assert "torch" not in sys.modules, "torch imported"')

@@ -3,7 +3,10 @@
 Each item is a crop x crop ADE20k patch (shorter side resized to `crop`, then a random square
 crop) and a boolean mask of the pixels to paste: with p = 0.5 a random rectangle with h, w drawn
 independently from {16, 24, ..., crop-8}, otherwise the union of the pixels of 2 class ids drawn
-with replacement from the ids present in the crop (id 0 included).
+with replacement from the ids present in the crop (id 0 included). With a scale range other than
+[1, 1] (this project's extension, not the paper's), the crop and its mask then shrink by a factor
+drawn log-uniformly from the range and sit at a random place in an otherwise empty crop: the
+negatives then also cover objects of a few pixels, which 384-pixel crops never show.
 """
 
 from pathlib import Path
@@ -45,6 +48,40 @@ def sample_negative_mask(
     return np.isin(label, ids), 'classes'
 
 
+def shrink_into_crop(
+    image: np.ndarray, mask: np.ndarray, scale: tuple[float, float], rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink a square crop (HxWx3 uint8, HxW bool) by a log-uniform factor from `scale` and place
+    it at a random position of an empty crop of the same size (mask False elsewhere).
+    """
+    lo, hi = scale
+    crop = mask.shape[0]
+    factor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    side = max(1, min(crop, round(crop * factor)))
+    top = int(rng.integers(0, crop - side + 1))
+    left = int(rng.integers(0, crop - side + 1))
+    if side == crop:
+        return image, mask
+    small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    # A shrunk pixel is pasted where at least half of its area was: the mask keeps its share.
+    small_mask = cv2.resize(mask.astype(np.float32), (side, side),
+                            interpolation=cv2.INTER_AREA) >= 0.5
+    out_image = np.zeros_like(image)
+    out_mask = np.zeros_like(mask)
+    out_image[top:top + side, left:left + side] = small
+    out_mask[top:top + side, left:left + side] = small_mask
+    return out_image, out_mask
+
+
+def check_scale(scale: tuple[float, float]) -> tuple[float, float]:
+    """The (min, max) shrink range as floats; ConfigError unless 0 < min <= max <= 1."""
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f'scale must be (min, max) with 0 < min <= max <= 1, found '
+                          f'{(lo, hi)}; (1.0, 1.0) keeps the full-size crops of the paper')
+    return lo, hi
+
+
 def resize_shorter_side(
     image: np.ndarray, label: np.ndarray, side: int,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -65,16 +102,19 @@ class ADE20kNegatives(Dataset):
     """ADE20k-layout negatives: `root/images/training/*.jpg` + `root/annotations/training/*.png`.
 
     Item i of epoch e: (image uint8 [3,crop,crop] RGB, mask bool [crop,crop]), all random
-    choices drawn from default_rng([seed, e, i]); call `set_epoch` before each epoch.
+    choices drawn from default_rng([seed, e, i]); call `set_epoch` before each epoch. `scale`
+    (min, max) shrinks each crop by a log-uniform factor (see the module docstring).
     """
 
-    def __init__(self, root: str | Path, crop: int = 384, seed: int = 0) -> None:
+    def __init__(self, root: str | Path, crop: int = 384, seed: int = 0,
+                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
         if crop <= MIN_RECT_SIDE:
             raise ConfigError(f'crop must exceed {MIN_RECT_SIDE} pixels so a rectangle fits, '
                               f'got {crop}; the official value is 384')
         self.root = Path(root)
         self.crop = int(crop)
         self.seed = int(seed)
+        self.scale = check_scale(scale)
         self.epoch = 0
         self.samples = _index(self.root)
 
@@ -97,6 +137,9 @@ class ADE20kNegatives(Dataset):
         image = image[top:top + self.crop, left:left + self.crop]
         label = label[top:top + self.crop, left:left + self.crop]
         mask, _ = sample_negative_mask(label, rng)
+        # Drawn only for a real range, so [1, 1] keeps the random stream of earlier runs.
+        if self.scale != (1.0, 1.0):
+            image, mask = shrink_into_crop(image, mask, self.scale, rng)
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return image_t, torch.from_numpy(mask)
 

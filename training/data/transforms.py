@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from anomaly_seg_node import imaging
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
 
@@ -94,6 +95,26 @@ def scale_crop(
     return resize_pair(box_image, box_label, (crop_h, crop_w), interpolation)
 
 
+def letterbox_mirrored(
+    image: np.ndarray, label: np.ndarray, aspect_hw: tuple[int, int], ignore_id: int = IGNORE_ID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a pair to the aspect of `aspect_hw` at its own scale, as the node letterboxes a camera
+    into an artifact of that shape: bars mirror the picture (imaging's 'reflect'), labels there
+    are ignore_id. A pair within the node's aspect tolerance is returned as it is.
+    """
+    h, w = label.shape
+    ah, aw = aspect_hw
+    if w * ah < h * aw:  # narrower than the artifact: bars left and right
+        net_hw = (h, max(w, round(h * aw / ah)))
+    else:
+        net_hw = (max(h, round(w * ah / aw)), w)
+    fit = imaging.plan_fit((h, w), net_hw, 'letterbox')
+    if fit.mode != 'letterbox':
+        return image, label
+    return imaging.fit_image(image, fit, pad_mode='reflect'), imaging.fit_labels(label, fit,
+                                                                                 ignore_id)
+
+
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Photometric jitter of an RGB uint8 image: brightness, contrast and saturation factors
     each drawn from U[1 - strength, 1 + strength], applied in a random order.
@@ -128,6 +149,10 @@ class JointTransform:
     crop_size is a square side (768 in the paper) or (h, w), e.g. (192, 384) for small budgets.
     mean_fill is the RGB that pads the image; ignore_id pads the label. color_jitter > 0 adds
     `color_jitter` after the crop (0, the default, leaves the random stream as it was).
+    letterbox_hw (an artifact shape such as (360, 640)) letterboxes each pair to that aspect with
+    mirrored bars (`letterbox_mirrored`) with probability letterbox_prob before the crop, so the
+    network also trains on the context a camera of another aspect gives it at run time (None,
+    the default, draws nothing).
     """
 
     crop_size: int | tuple[int, int] = 768
@@ -137,8 +162,16 @@ class JointTransform:
     ignore_id: int = IGNORE_ID
     interpolation: str = 'linear'
     color_jitter: float = 0.0
+    letterbox_hw: tuple[int, int] | None = None
+    letterbox_prob: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.letterbox_hw is not None and (len(self.letterbox_hw) != 2
+                                              or min(self.letterbox_hw) < 1):
+            raise ConfigError(f'letterbox_hw must be None or a positive (h, w), got '
+                              f'{self.letterbox_hw!r}; e.g. the artifact size (360, 640)')
+        if not 0 <= self.letterbox_prob <= 1:
+            raise ConfigError(f'letterbox_prob must lie in [0, 1], got {self.letterbox_prob!r}')
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f'color_jitter must lie in [0, 1), got {self.color_jitter!r}')
         h, w = self.crop_hw
@@ -171,6 +204,8 @@ class JointTransform:
         # Flip first, then crop, as SwiftNet's pipeline does.
         if self.flip and rng.random() < 0.5:
             image, label = hflip(image, label)
+        if self.letterbox_hw is not None and rng.random() < self.letterbox_prob:
+            image, label = letterbox_mirrored(image, label, self.letterbox_hw, self.ignore_id)
         image, label = scale_crop(
             image, label, rng, self.crop_hw, self.scale_range, self.mean_fill, self.ignore_id,
             self.interpolation)
