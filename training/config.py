@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from anomaly_seg_node.errors import ConfigError
+from training.data.transforms import check_letterbox, check_shrink_scale
 from training.score_info import EVAL_SCORES
 
 Method = Literal['closed_set', 'flow_pretrain', 'densehybrid', 'oodhead', 'nflowjs',
@@ -388,20 +389,12 @@ def _check(cfg: Config) -> None:
                           f'{list(cfg.data.jitter)}; the paper uses [0.5, 2.0]')
     if not 0 <= cfg.data.color_jitter < 1:
         raise ConfigError(f'data.color_jitter must lie in [0, 1), found {cfg.data.color_jitter}')
-    if cfg.data.letterbox_hw is not None and min(cfg.data.letterbox_hw) < 1:
-        raise ConfigError(f'data.letterbox_hw must be null or a positive [h, w] (the artifact '
-                          f'size, e.g. [360, 640]), found {list(cfg.data.letterbox_hw)}')
-    if not 0 <= cfg.data.letterbox_prob <= 1:
-        raise ConfigError(f'data.letterbox_prob must lie in [0, 1], found '
-                          f'{cfg.data.letterbox_prob}')
+    check_letterbox(cfg.data.letterbox_hw, cfg.data.letterbox_prob, 'data.')
     if not all(0 <= v <= 255 for v in cfg.data.mean_fill):
         raise ConfigError(f'data.mean_fill must be three RGB values in 0..255, found '
                           f'{list(cfg.data.mean_fill)}')
     neg = cfg.negatives
-    lo, hi = neg.ade_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f'negatives.ade_scale must be [min, max] with 0 < min <= max <= 1, '
-                          f'found {list(neg.ade_scale)}; [1.0, 1.0] keeps the full-size crops')
+    check_shrink_scale(neg.ade_scale, 'negatives.ade_')
     # The flow squeezes three times: patch sides must be multiples of 8.
     if neg.step % 8 or neg.min_size % 8:
         raise ConfigError(f'negatives.min_size and negatives.step must be multiples of 8 (the '

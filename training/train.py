@@ -228,8 +228,7 @@ class _Data:
         crop = d.crop_size if isinstance(d.crop_size, int) else tuple(d.crop_size)
         transform = JointTransform(
             crop, tuple(d.jitter), d.flip, tuple(d.mean_fill), color_jitter=d.color_jitter,
-            letterbox_hw=None if d.letterbox_hw is None else tuple(d.letterbox_hw),
-            letterbox_prob=d.letterbox_prob)
+            letterbox_hw=d.letterbox_hw, letterbox_prob=d.letterbox_prob)
         self.cfg = cfg
         self.info = info
         self.pin = pin

@@ -12,7 +12,6 @@ from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
 from training.data.ade20k import (
     ADE20kNegatives,
-    check_scale,
     rectangle_sides,
     resize_shorter_side,
     sample_negative_mask,
@@ -23,6 +22,7 @@ from training.data.transforms import (
     STREETHAZARDS_MEAN_RGB,
     EvalTransform,
     JointTransform,
+    check_shrink_scale,
     hflip,
     letterbox_mirrored,
     scale_crop,
@@ -551,8 +551,10 @@ def test_ade_scale_range_shrinks_items_and_keeps_the_default_stream(tmp_path: Pa
 
 @pytest.mark.parametrize('scale', [(0.0, 1.0), (0.5, 0.4), (0.5, 1.5)])
 def test_ade_scale_range_errors(scale: tuple[float, float]) -> None:
-    with pytest.raises(ConfigError, match=r'scale must be \(min, max\)'):
-        check_scale(scale)
+    with pytest.raises(ConfigError, match=r'^scale must be \[min, max\] with 0 < min'):
+        check_shrink_scale(scale)
+    with pytest.raises(ConfigError, match=r'^scale must be'):
+        ADE20kNegatives('unused', scale=scale)
 
 
 def test_ade_errors(tmp_path: Path) -> None:

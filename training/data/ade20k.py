@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
 from training.data.image_io import pair_labels, read_pair
-from training.data.transforms import check_pair
+from training.data.transforms import check_pair, check_shrink_scale
 
 RECT_PROB = 0.5
 CLASSES_PER_MASK = 2
@@ -73,15 +73,6 @@ def shrink_into_crop(
     return out_image, out_mask
 
 
-def check_scale(scale: tuple[float, float]) -> tuple[float, float]:
-    """The (min, max) shrink range as floats; ConfigError unless 0 < min <= max <= 1."""
-    lo, hi = (float(v) for v in scale)
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f'scale must be (min, max) with 0 < min <= max <= 1, found '
-                          f'{(lo, hi)}; (1.0, 1.0) keeps the full-size crops of the paper')
-    return lo, hi
-
-
 def resize_shorter_side(
     image: np.ndarray, label: np.ndarray, side: int,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +105,7 @@ class ADE20kNegatives(Dataset):
         self.root = Path(root)
         self.crop = int(crop)
         self.seed = int(seed)
-        self.scale = check_scale(scale)
+        self.scale = check_shrink_scale(scale)
         self.epoch = 0
         self.samples = _index(self.root)
 

@@ -95,6 +95,26 @@ def scale_crop(
     return resize_pair(box_image, box_label, (crop_h, crop_w), interpolation)
 
 
+def check_letterbox(letterbox_hw: Sequence[int] | None, prob: float, prefix: str = '') -> None:
+    """ConfigError unless letterbox_hw is None or a positive (h, w) and prob lies in [0, 1];
+    `prefix` names the config section in the message ('data.')."""
+    if letterbox_hw is not None and (len(letterbox_hw) != 2 or min(letterbox_hw) < 1):
+        raise ConfigError(f'{prefix}letterbox_hw must be null or a positive [h, w] (the artifact '
+                          f'size, e.g. [360, 640]), found {list(letterbox_hw)}')
+    if not 0 <= prob <= 1:
+        raise ConfigError(f'{prefix}letterbox_prob must lie in [0, 1], found {prob}')
+
+
+def check_shrink_scale(scale: Sequence[float], prefix: str = '') -> tuple[float, float]:
+    """The (min, max) shrink range of negatives as floats; ConfigError unless
+    0 < min <= max <= 1. `prefix` names the config section in the message ('negatives.ade_')."""
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f'{prefix}scale must be [min, max] with 0 < min <= max <= 1, found '
+                          f'{[lo, hi]}; [1.0, 1.0] keeps the full-size crops of the paper')
+    return lo, hi
+
+
 def letterbox_mirrored(
     image: np.ndarray, label: np.ndarray, aspect_hw: tuple[int, int], ignore_id: int = IGNORE_ID,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -166,12 +186,7 @@ class JointTransform:
     letterbox_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.letterbox_hw is not None and (len(self.letterbox_hw) != 2
-                                              or min(self.letterbox_hw) < 1):
-            raise ConfigError(f'letterbox_hw must be None or a positive (h, w), got '
-                              f'{self.letterbox_hw!r}; e.g. the artifact size (360, 640)')
-        if not 0 <= self.letterbox_prob <= 1:
-            raise ConfigError(f'letterbox_prob must lie in [0, 1], got {self.letterbox_prob!r}')
+        check_letterbox(self.letterbox_hw, self.letterbox_prob)
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f'color_jitter must lie in [0, 1), got {self.color_jitter!r}')
         h, w = self.crop_hw
