@@ -30,9 +30,9 @@ DEFAULT_RESIZE_MODE = 'letterbox'
 ASPECT_TOLERANCE = 0.05
 # How letterbox bars are filled (artifact.PAD_MODES). 'reflect' mirrors the picture at its edges
 # (OpenCV's BORDER_REFLECT_101): the network's pooled context (SwiftNet's SPP) then sees
-# road-scene statistics instead of a flat block: closed mIoU of the 16:9 demo artifact on CamVid's
-# 4:3 frames 59.5 -> 62.1 on val, 48.1 -> 49.9 on test. 'constant' fills with one colour
-# (pad_rgb), DEFAULT_PAD_MODE: artifacts exported before the sidecar named a mode were
+# road-scene statistics instead of a flat block: closed mIoU of the session-8 16:9 demo artifact
+# on CamVid's 4:3 frames 59.5 -> 62.1 on val, 48.1 -> 49.9 on test. 'constant' fills with one
+# colour (pad_rgb), DEFAULT_PAD_MODE: artifacts exported before the sidecar named a mode were
 # calibrated that way.
 INTERPOLATIONS = {'nearest': cv2.INTER_NEAREST_EXACT, 'linear': cv2.INTER_LINEAR}
 
