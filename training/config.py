@@ -9,7 +9,7 @@ code differs (methods.md §9) its value is one key away, named in the YAML comme
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,6 @@ from typing import Any, Literal, Union
 import yaml
 
 from anomaly_seg_node.errors import ConfigError
-from training.data.transforms import check_letterbox, check_shrink_scale
 from training.score_info import EVAL_SCORES
 
 Method = Literal['closed_set', 'flow_pretrain', 'densehybrid', 'oodhead', 'nflowjs',
@@ -340,6 +339,26 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     if field_tp is str and not isinstance(value, str) and value is not None:
         value = str(value)
     section[parts[1]] = value
+
+
+def check_letterbox(letterbox_hw: Sequence[int] | None, prob: float, prefix: str = '') -> None:
+    """ConfigError unless letterbox_hw is None or a positive (h, w) and prob lies in [0, 1];
+    `prefix` names the config section in the message ('data.')."""
+    if letterbox_hw is not None and (len(letterbox_hw) != 2 or min(letterbox_hw) < 1):
+        raise ConfigError(f'{prefix}letterbox_hw must be null or a positive [h, w] (the artifact '
+                          f'size, e.g. [360, 640]), found {list(letterbox_hw)}')
+    if not 0 <= prob <= 1:
+        raise ConfigError(f'{prefix}letterbox_prob must lie in [0, 1], found {prob}')
+
+
+def check_shrink_scale(scale: Sequence[float], prefix: str = '') -> tuple[float, float]:
+    """The (min, max) shrink range of negatives as floats; ConfigError unless
+    0 < min <= max <= 1. `prefix` names the config section in the message ('negatives.ade_')."""
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f'{prefix}scale must be [min, max] with 0 < min <= max <= 1, found '
+                          f'{[lo, hi]}; [1.0, 1.0] keeps the full-size crops of the paper')
+    return lo, hi
 
 
 def _check(cfg: Config) -> None:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
+from training.config import check_shrink_scale
 from training.data.ade20k import (
     ADE20kNegatives,
     rectangle_sides,
@@ -22,7 +23,6 @@ from training.data.transforms import (
     STREETHAZARDS_MEAN_RGB,
     EvalTransform,
     JointTransform,
-    check_shrink_scale,
     hflip,
     letterbox_mirrored,
     scale_crop,

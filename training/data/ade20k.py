@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from anomaly_seg_node.errors import ConfigError, DataError
+from training.config import check_shrink_scale
 from training.data.image_io import pair_labels, read_pair
-from training.data.transforms import check_pair, check_shrink_scale
+from training.data.transforms import check_pair
 
 RECT_PROB = 0.5
 CLASSES_PER_MASK = 2
@@ -58,10 +59,10 @@ def shrink_into_crop(
     crop = mask.shape[0]
     factor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     side = max(1, min(crop, round(crop * factor)))
-    top = int(rng.integers(0, crop - side + 1))
-    left = int(rng.integers(0, crop - side + 1))
     if side == crop:
         return image, mask
+    top = int(rng.integers(0, crop - side + 1))
+    left = int(rng.integers(0, crop - side + 1))
     small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
     # A shrunk pixel is pasted where at least half of its area was: the mask keeps its share.
     small_mask = cv2.resize(mask.astype(np.float32), (side, side),

@@ -14,6 +14,7 @@ import numpy as np
 from anomaly_seg_node import imaging
 from anomaly_seg_node.errors import ConfigError, DataError
 from anomaly_seg_node.labels import IGNORE_ID
+from training.config import check_letterbox
 
 # DenseHybrid fills StreetHazards jitter padding with this mean RGB (0-255).
 STREETHAZARDS_MEAN_RGB = (84, 88, 95)
@@ -93,26 +94,6 @@ def scale_crop(
         box_image[:bottom - top, :right - left] = image[top:bottom, left:right]
         box_label[:bottom - top, :right - left] = label[top:bottom, left:right]
     return resize_pair(box_image, box_label, (crop_h, crop_w), interpolation)
-
-
-def check_letterbox(letterbox_hw: Sequence[int] | None, prob: float, prefix: str = '') -> None:
-    """ConfigError unless letterbox_hw is None or a positive (h, w) and prob lies in [0, 1];
-    `prefix` names the config section in the message ('data.')."""
-    if letterbox_hw is not None and (len(letterbox_hw) != 2 or min(letterbox_hw) < 1):
-        raise ConfigError(f'{prefix}letterbox_hw must be null or a positive [h, w] (the artifact '
-                          f'size, e.g. [360, 640]), found {list(letterbox_hw)}')
-    if not 0 <= prob <= 1:
-        raise ConfigError(f'{prefix}letterbox_prob must lie in [0, 1], found {prob}')
-
-
-def check_shrink_scale(scale: Sequence[float], prefix: str = '') -> tuple[float, float]:
-    """The (min, max) shrink range of negatives as floats; ConfigError unless
-    0 < min <= max <= 1. `prefix` names the config section in the message ('negatives.ade_')."""
-    lo, hi = (float(v) for v in scale)
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f'{prefix}scale must be [min, max] with 0 < min <= max <= 1, found '
-                          f'{[lo, hi]}; [1.0, 1.0] keeps the full-size crops of the paper')
-    return lo, hi
 
 
 def letterbox_mirrored(
